@@ -1,0 +1,639 @@
+//! A record: one Automerge document holding a map of typed fields plus
+//! reserved keys for identity, tombstone, merge alias and resolutions.
+//!
+//! Reserved root keys (user fields can never start with `_`):
+//!
+//! | key | value | meaning |
+//! |---|---|---|
+//! | `_id`, `_collection` | string | written once, in the creating change |
+//! | `_deleted` | string token | the record is deleted while any value is visible |
+//! | `_restored` | string token | written by a restore; counts as an update |
+//! | `_merged_into` | string id | the survivor a merged-away record points at |
+//! | `_resolutions` | map | collision id → JSON resolution entry |
+//!
+//! Tokens are new on every write, because Automerge drops a `put` of the value
+//! a key already shows, and a delete or restore must always be causally visible.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{
+    ActorId, Automerge, ChangeHash, ObjType, PatchLog, ROOT, ReadDoc, ScalarValue, Value,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::error::{ModelError, Result};
+use crate::ids::{NodeId, RecordId, hex_lower};
+use crate::schema::Schema;
+use crate::value::FieldValue;
+
+/// Reserved key: record id.
+pub const KEY_ID: &str = "_id";
+/// Reserved key: collection.
+pub const KEY_COLLECTION: &str = "_collection";
+/// Reserved key: tombstone token.
+pub const KEY_DELETED: &str = "_deleted";
+/// Reserved key: restore token.
+pub const KEY_RESTORED: &str = "_restored";
+/// Reserved key: survivor of a merge.
+pub const KEY_MERGED_INTO: &str = "_merged_into";
+/// Reserved key: resolution entries.
+pub const KEY_RESOLUTIONS: &str = "_resolutions";
+
+/// Who writes, when, and why: everything a commit needs that the model may
+/// not make up itself.
+#[derive(Debug, Clone)]
+pub struct CommitCtx {
+    /// The writing node (its actor id).
+    pub node: NodeId,
+    /// Wall-clock time in ms since the epoch, recorded in the change.
+    pub time_ms: i64,
+    /// What kind of write this is (`create`, `update`, `delete`, `restore`,
+    /// `resolve`, `force`), kept as the change message.
+    pub op: &'static str,
+}
+
+impl CommitCtx {
+    fn options(&self) -> CommitOptions {
+        CommitOptions::default()
+            .with_time(self.time_ms)
+            .with_message(self.op.to_string())
+    }
+}
+
+/// A partial update: fields to set and fields to unset.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Edit {
+    /// Fields to set.
+    pub set: BTreeMap<String, FieldValue>,
+    /// Fields to remove.
+    pub unset: BTreeSet<String>,
+}
+
+impl Edit {
+    /// Validates JSON input (`{"field": value | null}`) against the schema;
+    /// `null` unsets.
+    pub fn from_json(
+        schema: &Schema,
+        collection: &str,
+        fields: &serde_json::Map<String, Json>,
+    ) -> Result<Edit> {
+        let mut edit = Edit::default();
+        for (name, v) in fields {
+            let def = schema.field(collection, name)?;
+            if v.is_null() {
+                edit.unset.insert(name.clone());
+            } else {
+                edit.set
+                    .insert(name.clone(), FieldValue::from_json(name, &def.ty, v)?);
+            }
+        }
+        Ok(edit)
+    }
+
+    /// True when nothing is set or unset.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.unset.is_empty()
+    }
+}
+
+/// A field that another writer changed after the version an edit was based
+/// on: the value at the base, the value the record showed before this edit
+/// (`existing`), and the value this edit wrote (`new`; `None` = unset).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConcurrentField {
+    /// The field.
+    pub field: String,
+    /// The value at the base version.
+    pub base_value: Option<Json>,
+    /// The value just before this edit was merged.
+    pub existing_value: Option<Json>,
+    /// The value this edit wrote.
+    pub new_value: Option<Json>,
+}
+
+/// What an update did.
+#[derive(Debug, Clone, Default)]
+pub struct UpdateOutcome {
+    /// The change made, or `None` when the edit changed nothing.
+    pub change: Option<ChangeHash>,
+    /// Fields changed concurrently since the base version.
+    pub concurrent: Vec<ConcurrentField>,
+}
+
+/// One entry of a record's history: a change, who made it, when, and what it
+/// wrote to which field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The change hash (hex).
+    pub change: String,
+    /// The node that made it.
+    pub node: Option<NodeId>,
+    /// The wall-clock time it recorded (ms).
+    pub time_ms: i64,
+    /// The kind of write.
+    pub op: Option<String>,
+    /// Field → value written (`null` for an unset).
+    pub fields: BTreeMap<String, Json>,
+    /// The change set the tombstone.
+    pub deleted: bool,
+    /// The change restored the record.
+    pub restored: bool,
+}
+
+/// A record held as an Automerge document.
+#[derive(Debug, Clone)]
+pub struct Record {
+    doc: Automerge,
+}
+
+/// Hex of change hashes.
+pub fn heads_to_hex(heads: &[ChangeHash]) -> Vec<String> {
+    heads.iter().map(|h| hex_lower(&h.0)).collect()
+}
+
+/// Parses hex change hashes.
+pub fn heads_from_hex(heads: &[String]) -> Result<Vec<ChangeHash>> {
+    heads
+        .iter()
+        .map(|h| {
+            h.parse::<ChangeHash>()
+                .map_err(|_| ModelError::InvalidHeads(format!("`{h}` is not a change hash")))
+        })
+        .collect()
+}
+
+fn str_of(v: &Value<'_>) -> Option<String> {
+    match v {
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Str(s) => Some(s.to_string()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn token(doc: &Automerge, ctx: &CommitCtx) -> String {
+    let mut h = blake3::Hasher::new();
+    for head in doc.get_heads() {
+        h.update(&head.0);
+    }
+    h.update(&ctx.node.0);
+    h.update(&ctx.time_ms.to_le_bytes());
+    h.update(ctx.op.as_bytes());
+    format!("{}:{}", ctx.node, hex_lower(&h.finalize().as_bytes()[..8]))
+}
+
+impl Record {
+    /// Wraps a document (loaded from storage or built from remote changes).
+    pub fn from_doc(doc: Automerge) -> Record {
+        Record { doc }
+    }
+
+    /// An empty document that remote changes will fill.
+    pub fn empty(node: NodeId) -> Record {
+        Record {
+            doc: Automerge::new().with_actor(node.actor()),
+        }
+    }
+
+    /// Creates a record: validates the fields (unknown field, wrong type,
+    /// missing required field) and writes nothing on error.
+    pub fn create(
+        schema: &Schema,
+        collection: &str,
+        id: &RecordId,
+        fields: &BTreeMap<String, FieldValue>,
+        ctx: &CommitCtx,
+    ) -> Result<Record> {
+        let def = schema.collection(collection)?;
+        for name in fields.keys() {
+            schema.field(collection, name)?;
+        }
+        for (name, f) in &def.fields {
+            if f.required && !fields.contains_key(name) {
+                return Err(ModelError::MissingRequired(name.clone()));
+            }
+        }
+        let mut doc = Automerge::new().with_actor(ctx.node.actor());
+        doc.transact_with(
+            |_| ctx.options(),
+            |tx| -> std::result::Result<(), automerge::AutomergeError> {
+                tx.put(ROOT, KEY_ID, id.as_str())?;
+                tx.put(ROOT, KEY_COLLECTION, collection)?;
+                tx.put_object(ROOT, KEY_RESOLUTIONS, ObjType::Map)?;
+                for (k, v) in fields {
+                    tx.put(ROOT, k.as_str(), v.to_scalar())?;
+                }
+                Ok(())
+            },
+        )
+        .map_err(|f| ModelError::from(f.error))?;
+        Ok(Record { doc })
+    }
+
+    /// The document.
+    pub fn doc(&self) -> &Automerge {
+        &self.doc
+    }
+
+    /// The document, for applying changes (the node guards this).
+    pub fn doc_mut(&mut self) -> &mut Automerge {
+        &mut self.doc
+    }
+
+    /// Sets the actor this replica writes with.
+    pub fn set_writer(&mut self, node: NodeId) {
+        self.doc.set_actor(node.actor());
+    }
+
+    /// The record id, once the creating change is present.
+    pub fn id(&self) -> Option<RecordId> {
+        let (v, _) = self.doc.get(ROOT, KEY_ID).ok()??;
+        RecordId::parse(&str_of(&v)?).ok()
+    }
+
+    /// The collection, once the creating change is present.
+    pub fn collection(&self) -> Option<String> {
+        let (v, _) = self.doc.get(ROOT, KEY_COLLECTION).ok()??;
+        str_of(&v)
+    }
+
+    /// The current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// True while a tombstone is visible.
+    pub fn is_deleted(&self) -> bool {
+        self.doc
+            .get_all(ROOT, KEY_DELETED)
+            .map(|v| !v.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// The survivor this record was merged into.
+    pub fn merged_into(&self) -> Option<RecordId> {
+        if !self.is_deleted() {
+            return None;
+        }
+        let (v, _) = self.doc.get(ROOT, KEY_MERGED_INTO).ok()??;
+        RecordId::parse(&str_of(&v)?).ok()
+    }
+
+    /// The current value of every declared field (Automerge's winner where
+    /// values are concurrent).
+    pub fn fields(&self, schema: &Schema) -> BTreeMap<String, FieldValue> {
+        let Some(collection) = self.collection() else {
+            return BTreeMap::new();
+        };
+        let Ok(def) = schema.collection(&collection) else {
+            return BTreeMap::new();
+        };
+        let mut out = BTreeMap::new();
+        for (name, f) in &def.fields {
+            if let Ok(Some((Value::Scalar(s), _))) = self.doc.get(ROOT, name.as_str()) {
+                out.insert(name.clone(), FieldValue::from_scalar(&f.ty, s.as_ref()));
+            }
+        }
+        out
+    }
+
+    /// The fields as a JSON object.
+    pub fn fields_json(&self, schema: &Schema) -> serde_json::Map<String, Json> {
+        self.fields(schema)
+            .into_iter()
+            .map(|(k, v)| (k, v.to_json()))
+            .collect()
+    }
+
+    /// Every concurrent value of a field with the change that wrote it,
+    /// ordered by op id (the last one is the winner).
+    pub fn field_values(&self, schema: &Schema, field: &str) -> Vec<(FieldValue, ChangeHash)> {
+        let Some(collection) = self.collection() else {
+            return Vec::new();
+        };
+        let Ok(def) = schema.field(&collection, field) else {
+            return Vec::new();
+        };
+        self.doc
+            .get_all(ROOT, field)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(v, id)| match v {
+                Value::Scalar(s) => Some((
+                    FieldValue::from_scalar(&def.ty, s.as_ref()),
+                    self.doc.hash_for_opid(&id)?,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The node and time of a change in this document.
+    pub fn change_origin(&self, hash: &ChangeHash) -> (Option<NodeId>, i64) {
+        match self.doc.get_change_meta_by_hash(hash) {
+            Some(m) => (NodeId::from_actor(&m.actor), m.timestamp),
+            None => (None, 0),
+        }
+    }
+
+    /// Resolution entries: collision id → every concurrent entry (JSON text).
+    pub fn resolutions(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        let Ok(Some((Value::Object(ObjType::Map), obj))) = self.doc.get(ROOT, KEY_RESOLUTIONS)
+        else {
+            return out;
+        };
+        for key in self.doc.keys(&obj) {
+            let vals: Vec<String> = self
+                .doc
+                .get_all(&obj, key.as_str())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|(v, _)| str_of(v))
+                .collect();
+            out.insert(key, vals);
+        }
+        out
+    }
+
+    fn check_heads(&self, base: &[ChangeHash]) -> Result<()> {
+        if base.is_empty() {
+            return Err(ModelError::InvalidHeads("empty".into()));
+        }
+        for h in base {
+            if self.doc.get_change_meta_by_hash(h).is_none() {
+                return Err(ModelError::InvalidHeads(format!(
+                    "{} is not a version of this record",
+                    hex_lower(&h.0)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Updates fields. With `base`, the edit is made as of that version and
+    /// merged: fields it does not touch keep every later change, and the
+    /// outcome lists the touched fields that changed since the base.
+    /// `resolutions` are written in the same change.
+    pub fn update(
+        &mut self,
+        schema: &Schema,
+        edit: &Edit,
+        base: Option<&[ChangeHash]>,
+        resolutions: &[(String, String)],
+        ctx: &CommitCtx,
+    ) -> Result<UpdateOutcome> {
+        let collection = self
+            .collection()
+            .ok_or_else(|| ModelError::NotARecord("no `_collection`".into()))?;
+        let id = self.id().map(|i| i.to_string()).unwrap_or_default();
+        for name in edit.set.keys().chain(edit.unset.iter()) {
+            schema.field(&collection, name)?;
+        }
+        for name in &edit.unset {
+            if schema.field(&collection, name)?.required {
+                return Err(ModelError::MissingRequired(name.clone()));
+            }
+        }
+        let mut concurrent = Vec::new();
+        match base {
+            Some(base) => {
+                self.check_heads(base)?;
+                let was_deleted = !self.doc.get_all_at(ROOT, KEY_DELETED, base)?.is_empty();
+                if was_deleted {
+                    return Err(ModelError::Deleted(id));
+                }
+                let current = self.heads();
+                if current.as_slice() != base {
+                    for name in edit.set.keys().chain(edit.unset.iter()) {
+                        let before = self.doc.get_all_at(ROOT, name.as_str(), base)?;
+                        let now = self.doc.get_all(ROOT, name.as_str())?;
+                        let ids = |v: &Vec<(Value<'_>, automerge::ObjId)>| {
+                            v.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>()
+                        };
+                        if ids(&before) == ids(&now) {
+                            continue;
+                        }
+                        let ty = &schema.field(&collection, name)?.ty;
+                        let json = |v: &Vec<(Value<'_>, automerge::ObjId)>| match v.last() {
+                            Some((Value::Scalar(s), _)) => {
+                                Some(FieldValue::from_scalar(ty, s.as_ref()).to_json())
+                            }
+                            _ => None,
+                        };
+                        let new_value = edit.set.get(name).map(|v| v.to_json());
+                        let existing = json(&now);
+                        if existing != new_value {
+                            concurrent.push(ConcurrentField {
+                                field: name.clone(),
+                                base_value: json(&before),
+                                existing_value: existing,
+                                new_value,
+                            });
+                        }
+                    }
+                }
+            }
+            None => {
+                if self.is_deleted() {
+                    return Err(ModelError::Deleted(id));
+                }
+            }
+        }
+        let change = self.write(base, ctx, |tx, _| {
+            for (k, v) in &edit.set {
+                // A put over concurrent values, or of the value already
+                // shown, is written as delete + put so that it always
+                // settles every value it saw.
+                if tx.get_all(ROOT, k.as_str())?.len() > 1 {
+                    tx.delete(ROOT, k.as_str())?;
+                }
+                tx.put(ROOT, k.as_str(), v.to_scalar())?;
+            }
+            for k in &edit.unset {
+                if !tx.get_all(ROOT, k.as_str())?.is_empty() {
+                    tx.delete(ROOT, k.as_str())?;
+                }
+            }
+            put_resolutions(tx, resolutions)
+        })?;
+        Ok(UpdateOutcome { change, concurrent })
+    }
+
+    /// Deletes the record (a tombstone inside the document). `merged_into`
+    /// names the survivor when a duplicate is merged away.
+    pub fn delete(
+        &mut self,
+        merged_into: Option<&RecordId>,
+        resolutions: &[(String, String)],
+        ctx: &CommitCtx,
+    ) -> Result<ChangeHash> {
+        let token = token(&self.doc, ctx);
+        let change = self.write(None, ctx, |tx, _| {
+            tx.put(ROOT, KEY_DELETED, token.as_str())?;
+            if let Some(s) = merged_into {
+                tx.put(ROOT, KEY_MERGED_INTO, s.as_str())?;
+            }
+            put_resolutions(tx, resolutions)
+        })?;
+        Ok(change.expect("a new token always makes a change"))
+    }
+
+    /// Restores a deleted record, optionally setting fields in the same change.
+    pub fn restore(
+        &mut self,
+        schema: &Schema,
+        edit: &Edit,
+        resolutions: &[(String, String)],
+        ctx: &CommitCtx,
+    ) -> Result<ChangeHash> {
+        let id = self.id().map(|i| i.to_string()).unwrap_or_default();
+        if !self.is_deleted() {
+            return Err(ModelError::NotDeleted(id));
+        }
+        let collection = self
+            .collection()
+            .ok_or_else(|| ModelError::NotARecord("no `_collection`".into()))?;
+        for name in edit.set.keys().chain(edit.unset.iter()) {
+            schema.field(&collection, name)?;
+        }
+        let token = token(&self.doc, ctx);
+        let change = self.write(None, ctx, |tx, _| {
+            tx.delete(ROOT, KEY_DELETED)?;
+            if !tx.get_all(ROOT, KEY_MERGED_INTO)?.is_empty() {
+                tx.delete(ROOT, KEY_MERGED_INTO)?;
+            }
+            tx.put(ROOT, KEY_RESTORED, token.as_str())?;
+            for (k, v) in &edit.set {
+                if tx.get_all(ROOT, k.as_str())?.len() > 1 {
+                    tx.delete(ROOT, k.as_str())?;
+                }
+                tx.put(ROOT, k.as_str(), v.to_scalar())?;
+            }
+            for k in &edit.unset {
+                if !tx.get_all(ROOT, k.as_str())?.is_empty() {
+                    tx.delete(ROOT, k.as_str())?;
+                }
+            }
+            put_resolutions(tx, resolutions)
+        })?;
+        Ok(change.expect("a new token always makes a change"))
+    }
+
+    /// Writes only resolution entries (a confirmation that changes no field).
+    pub fn annotate(
+        &mut self,
+        resolutions: &[(String, String)],
+        ctx: &CommitCtx,
+    ) -> Result<Option<ChangeHash>> {
+        self.write(None, ctx, |tx, _| put_resolutions(tx, resolutions))
+    }
+
+    fn write<F>(
+        &mut self,
+        base: Option<&[ChangeHash]>,
+        ctx: &CommitCtx,
+        f: F,
+    ) -> Result<Option<ChangeHash>>
+    where
+        F: FnOnce(
+            &mut automerge::transaction::Transaction<'_>,
+            (),
+        ) -> std::result::Result<(), automerge::AutomergeError>,
+    {
+        self.doc.set_actor(ctx.node.actor());
+        let mut tx = match base {
+            Some(b) => self
+                .doc
+                .transaction_at(PatchLog::inactive(), b)
+                .map_err(|e| ModelError::Automerge(e.to_string()))?,
+            None => self.doc.transaction(),
+        };
+        match f(&mut tx, ()) {
+            Ok(()) => Ok(tx.commit_with(ctx.options()).0),
+            Err(e) => {
+                tx.rollback();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Every change with the fields it wrote, oldest first (by time, then
+    /// hash), values that lost an automatic merge included.
+    pub fn history(&self, schema: &Schema) -> Vec<HistoryEntry> {
+        let collection = self.collection().unwrap_or_default();
+        let mut out: Vec<HistoryEntry> = self
+            .doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| {
+                let ex = c.decode();
+                let mut fields = BTreeMap::new();
+                let (mut deleted, mut restored) = (false, false);
+                for op in &ex.operations {
+                    if op.obj != automerge::legacy::ObjectId::Root {
+                        continue;
+                    }
+                    let automerge::legacy::Key::Map(k) = &op.key else {
+                        continue;
+                    };
+                    match k.as_str() {
+                        KEY_DELETED => {
+                            deleted |= matches!(op.action, automerge::legacy::OpType::Put(_))
+                        }
+                        KEY_RESTORED => restored = true,
+                        k if k.starts_with('_') => {}
+                        k => {
+                            let v = match &op.action {
+                                automerge::legacy::OpType::Put(s) => {
+                                    match schema.field(&collection, k) {
+                                        Ok(def) => FieldValue::from_scalar(&def.ty, s).to_json(),
+                                        Err(_) => Json::String(s.to_string()),
+                                    }
+                                }
+                                _ => Json::Null,
+                            };
+                            fields.insert(k.to_string(), v);
+                        }
+                    }
+                }
+                HistoryEntry {
+                    change: hex_lower(&c.hash().0),
+                    node: NodeId::from_actor(c.actor_id()),
+                    time_ms: c.timestamp(),
+                    op: c.message().map(str::to_string),
+                    fields,
+                    deleted,
+                    restored,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.time_ms, &a.change).cmp(&(b.time_ms, &b.change)));
+        out
+    }
+
+    /// The actor this document writes with.
+    pub fn actor(&self) -> &ActorId {
+        self.doc.get_actor()
+    }
+}
+
+fn put_resolutions(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    resolutions: &[(String, String)],
+) -> std::result::Result<(), automerge::AutomergeError> {
+    if resolutions.is_empty() {
+        return Ok(());
+    }
+    let obj = match tx.get(ROOT, KEY_RESOLUTIONS)? {
+        Some((Value::Object(ObjType::Map), id)) => id,
+        _ => tx.put_object(ROOT, KEY_RESOLUTIONS, ObjType::Map)?,
+    };
+    for (cid, entry) in resolutions {
+        tx.put(&obj, cid.as_str(), entry.as_str())?;
+    }
+    Ok(())
+}

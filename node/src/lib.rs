@@ -1,0 +1,27 @@
+//! # entente-node
+//!
+//! The Entente node. Its parts, from the bottom up:
+//!
+//! - [`store`]: records as Automerge documents in RocksDB (snapshot plus
+//!   appended change chunks, compacted past a threshold), the unique-value and
+//!   reference indexes, the consolidated changes feed, collisions, pending
+//!   out-of-order changes — every applied change set one atomic, durable
+//!   batch. A bounded cache keeps the hot documents loaded.
+//! - [`clock`]: time and id minting come from outside, so the simulator can
+//!   drive the same code deterministically.
+//!
+//! The local write path (create, update — optionally based on older heads —,
+//! delete, restore, resolve) and the remote path (`apply_remote`, raw
+//! Automerge changes from a peer) both end in the store's one `finish` step,
+//! so indexes, feed and collisions can never disagree with the documents.
+
+pub mod clock;
+pub mod error;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, Result};
+pub use store::{
+    ApplyReport, CollisionFilter, FeedEntry, NewRecord, Page, RecordView, Store, StoreOptions,
+    StoreStats, WriteResult,
+};

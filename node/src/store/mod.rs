@@ -1,0 +1,1991 @@
+//! The store: records as Automerge documents in RocksDB, their indexes, the
+//! changes feed and the collisions, all changed together.
+//!
+//! Every operation — a local write, a batch of remote changes, a resolution —
+//! runs the same way:
+//!
+//! 1. the records it touches are taken into a working set (from the bounded
+//!    cache or from storage: snapshot plus appended change chunks);
+//! 2. their documents are changed (validated first: nothing is written on a
+//!    refused input);
+//! 3. `finish` derives each touched record's index entries (unique values of
+//!    live records, references), gives it the next feed sequence (dropping its
+//!    previous feed entry: the feed is consolidated), appends the new change
+//!    chunk (or a compacted snapshot), and re-evaluates every collision subject
+//!    the change can affect;
+//! 4. everything lands in **one** atomic, durable batch. Only then is the
+//!    working set put back into the cache and the write acknowledged.
+//!
+//! A failure anywhere before step 4 leaves storage as it was, and the cache
+//! never holds a document whose change was not persisted.
+
+pub mod kv;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroUsize;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+
+use automerge::{Automerge, Change, ChangeHash, ROOT, ReadDoc};
+use entente_model::collision::{
+    self, PlannedWrite, ResolutionEntry, ResolveRequest, Status, detect_dangling, detect_duplicate,
+    detect_flagged, detect_update_delete, unique_values,
+};
+use entente_model::ids::hex_lower;
+use entente_model::record::{heads_from_hex, heads_to_hex};
+use entente_model::{
+    Collision, CollisionId, CollisionKind, CommitCtx, ConcurrentField, Edit, HistoryEntry,
+    MergePolicy, NodeId, Record, RecordId, Schema,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+pub use kv::{Cf, Kv, MemKv, RocksKv};
+
+/// Largest change accepted from a peer (bytes).
+pub const MAX_CHANGE_BYTES: usize = 1 << 20;
+/// Most changes accepted for one record in one batch.
+pub const MAX_CHANGES_PER_RECORD: usize = 100_000;
+/// How many hops of `merged_into` a read follows.
+const MAX_ALIAS_HOPS: usize = 8;
+
+/// Tuning knobs with their defaults.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Documents kept loaded (each ~20 KB of RAM for a contact).
+    pub cache_records: usize,
+    /// Compact a record once it has this many appended chunks...
+    pub compact_after_chunks: u32,
+    /// ...or once its chunks outweigh its snapshot by this factor.
+    pub compact_bytes_factor: u64,
+    /// fsync every batch (a write is acknowledged only once durable).
+    pub sync: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_records: 4096,
+            compact_after_chunks: 32,
+            compact_bytes_factor: 2,
+            sync: true,
+        }
+    }
+}
+
+/// What the store keeps about a record beside its document.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct RecordMeta {
+    collection: String,
+    seq: u64,
+    deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    merged_into: Option<RecordId>,
+    heads: Vec<String>,
+    snap_len: u64,
+    next_chunk: u32,
+    chunks: u32,
+    chunk_bytes: u64,
+    /// (unique key, normalized value) entries this record holds.
+    unique: Vec<(String, String)>,
+    /// (field, target) references this record holds.
+    refs: Vec<(String, String)>,
+}
+
+/// A record as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecordView {
+    /// Record id.
+    pub id: RecordId,
+    /// Collection.
+    pub collection: String,
+    /// Current field values.
+    pub fields: serde_json::Map<String, Json>,
+    /// Tombstoned.
+    pub deleted: bool,
+    /// The survivor, for a merged-away record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<RecordId>,
+    /// The record's heads (hex): pass them back as `base` to edit this version.
+    pub heads: Vec<String>,
+    /// The record's latest position in this node's feed.
+    pub seq: u64,
+    /// The node that created the record and when (ms).
+    pub created_by: Option<NodeId>,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// The node of the most recent change and when (ms).
+    pub updated_by: Option<NodeId>,
+    /// Time of the most recent change (ms).
+    pub updated_at: i64,
+    /// When a read named a merged-away id: that id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_id: Option<RecordId>,
+    /// Open collisions involving the record.
+    pub open_collisions: Vec<CollisionId>,
+}
+
+/// What a local write did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteResult {
+    /// The record after the write.
+    pub record: RecordView,
+    /// The change made (hex), `None` when nothing changed.
+    pub change: Option<String>,
+    /// Fields changed concurrently since the edit's base version.
+    pub concurrent: Vec<ConcurrentField>,
+}
+
+/// One entry of the consolidated changes feed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FeedEntry {
+    /// Sequence number on this node.
+    pub seq: u64,
+    /// Record id.
+    pub id: RecordId,
+    /// Collection.
+    pub collection: String,
+    /// Tombstoned.
+    pub deleted: bool,
+    /// The record's heads at that point (hex).
+    pub heads: Vec<String>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Page {
+    /// The records.
+    pub records: Vec<RecordView>,
+    /// Pass as `after` for the next page; `None` at the end.
+    pub next: Option<RecordId>,
+}
+
+/// A record to create in a batch.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// Collection.
+    pub collection: String,
+    /// Id, or `None` to mint one.
+    pub id: Option<RecordId>,
+    /// Fields (JSON).
+    pub fields: serde_json::Map<String, Json>,
+    /// Write through a duplicate.
+    pub force: bool,
+}
+
+/// What happened to a batch of remote changes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ApplyReport {
+    /// Records whose document changed.
+    pub records_changed: usize,
+    /// Changes applied.
+    pub changes_applied: usize,
+    /// Changes already known.
+    pub changes_duplicate: usize,
+    /// Changes kept waiting for their dependencies.
+    pub changes_pending: usize,
+    /// Records whose input was refused (bad bytes, a panic inside Automerge);
+    /// the record stays as it was and the input is quarantined.
+    pub rejected: Vec<(RecordId, String)>,
+}
+
+/// Filter for listing collisions.
+#[derive(Debug, Clone, Default)]
+pub struct CollisionFilter {
+    /// Include resolved ones.
+    pub include_resolved: bool,
+    /// Only this kind.
+    pub kind: Option<CollisionKind>,
+    /// Only this collection.
+    pub collection: Option<String>,
+    /// Only those involving this record.
+    pub record: Option<RecordId>,
+}
+
+/// Counts for status pages and metrics.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StoreStats {
+    /// Records, deleted included.
+    pub records: u64,
+    /// Live records.
+    pub live_records: u64,
+    /// Latest feed sequence.
+    pub feed_seq: u64,
+    /// Open collisions by kind.
+    pub open_collisions: BTreeMap<String, u64>,
+    /// Resolved collisions.
+    pub resolved_collisions: u64,
+    /// Changes waiting for dependencies.
+    pub pending_changes: u64,
+    /// Quarantined inputs.
+    pub quarantined: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Key encodings.
+
+const SEP: u8 = 0;
+
+fn key2(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
+    k.extend_from_slice(a);
+    k.push(SEP);
+    k.extend_from_slice(b);
+    k
+}
+
+fn value_hash(v: &str) -> String {
+    hex_lower(&blake3::hash(v.as_bytes()).as_bytes()[..12])
+}
+
+fn unique_prefix(collection: &str, key: &str, value: &str) -> Vec<u8> {
+    let mut k = key2(collection.as_bytes(), key.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(value_hash(value).as_bytes());
+    k.push(SEP);
+    k
+}
+
+fn chunk_key(id: &RecordId, n: u32) -> Vec<u8> {
+    let mut k = key2(id.as_str().as_bytes(), b"");
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn id_prefix(id: &RecordId) -> Vec<u8> {
+    key2(id.as_str().as_bytes(), b"")
+}
+
+/// What a collision is about; one open collision at most stands for it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Subject {
+    UpdateDelete(RecordId),
+    Flagged(RecordId, String),
+    Dangling(RecordId, String),
+    Duplicate {
+        collection: String,
+        key: String,
+        value: String,
+    },
+}
+
+impl Subject {
+    fn key(&self) -> Vec<u8> {
+        match self {
+            Subject::UpdateDelete(r) => format!("u\0{r}").into_bytes(),
+            Subject::Flagged(r, f) => format!("f\0{r}\0{f}").into_bytes(),
+            Subject::Dangling(r, f) => format!("d\0{r}\0{f}").into_bytes(),
+            Subject::Duplicate {
+                collection,
+                key,
+                value,
+            } => format!("k\0{collection}\0{key}\0{}", value_hash(value)).into_bytes(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A transaction: reads see its own writes; commit is one atomic batch.
+
+struct Tx {
+    kv: Arc<dyn Kv>,
+    ops: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl Tx {
+    fn new(kv: Arc<dyn Kv>) -> Tx {
+        Tx {
+            kv,
+            ops: BTreeMap::new(),
+        }
+    }
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.ops.get(&(cf, key.to_vec())) {
+            Some(v) => Ok(v.clone()),
+            None => self.kv.get(cf, key),
+        }
+    }
+
+    fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.insert((cf, key), Some(value));
+    }
+
+    fn del(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.insert((cf, key), None);
+    }
+
+    /// Keys with `prefix`, merged with this transaction's writes.
+    fn keys_with_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut found: BTreeSet<Vec<u8>> = BTreeSet::new();
+        self.kv.scan(cf, prefix, prefix, &mut |k, _| {
+            found.insert(k.to_vec());
+            true
+        })?;
+        for ((c, k), v) in self.ops.range((cf, prefix.to_vec())..) {
+            if *c != cf || !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(_) => found.insert(k.clone()),
+                None => found.remove(k),
+            };
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    fn commit(self) -> Result<()> {
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        self.kv.write(
+            self.ops
+                .into_iter()
+                .map(|((cf, k), v)| (cf, k, v))
+                .collect(),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The working set of one operation.
+
+struct Slot {
+    rec: Record,
+    meta: Option<RecordMeta>,
+    old_heads: Vec<ChangeHash>,
+    dirty: bool,
+    /// Unique keys written with `force` in this operation.
+    forced: bool,
+}
+
+#[derive(Default)]
+struct Work {
+    slots: BTreeMap<RecordId, Slot>,
+}
+
+/// The store. One writer at a time (`&mut self`); the node serializes access.
+pub struct Store {
+    kv: Arc<dyn Kv>,
+    schema: Arc<Schema>,
+    node: NodeId,
+    clock: Arc<dyn Clock>,
+    cache: lru::LruCache<RecordId, Record>,
+    seq: u64,
+    opts: StoreOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("node", &self.node)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+const META_NODE: &[u8] = b"node_id";
+const META_SCHEMA: &[u8] = b"schema_fingerprint";
+const META_SEQ: &[u8] = b"feed_seq";
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("serializable")
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
+}
+
+impl Store {
+    /// Opens (or creates) a RocksDB data dir. A new dir takes `node` as its
+    /// identity; an existing one keeps the identity it has.
+    pub fn open(
+        path: &Path,
+        schema: Arc<Schema>,
+        node: NodeId,
+        clock: Arc<dyn Clock>,
+        opts: StoreOptions,
+    ) -> Result<Store> {
+        std::fs::create_dir_all(path)?;
+        let kv = RocksKv::open(path, opts.sync)?;
+        Store::with_kv(Arc::new(kv), schema, node, clock, opts)
+    }
+
+    /// Opens a store over any [`Kv`].
+    pub fn with_kv(
+        kv: Arc<dyn Kv>,
+        schema: Arc<Schema>,
+        node: NodeId,
+        clock: Arc<dyn Clock>,
+        opts: StoreOptions,
+    ) -> Result<Store> {
+        let mut first = Vec::new();
+        let node = match kv.get(Cf::Meta, META_NODE)? {
+            Some(b) => NodeId(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("node id".into()))?,
+            ),
+            None => {
+                first.push((Cf::Meta, META_NODE.to_vec(), Some(node.0.to_vec())));
+                node
+            }
+        };
+        match kv.get(Cf::Meta, META_SCHEMA)? {
+            Some(b) if b != schema.fingerprint().as_bytes() => {
+                return Err(Error::SchemaMismatch {
+                    stored: String::from_utf8_lossy(&b).into_owned(),
+                    given: schema.fingerprint().to_string(),
+                });
+            }
+            Some(_) => {}
+            None => first.push((
+                Cf::Meta,
+                META_SCHEMA.to_vec(),
+                Some(schema.fingerprint().as_bytes().to_vec()),
+            )),
+        }
+        if !first.is_empty() {
+            kv.write(first)?;
+        }
+        let seq = match kv.get(Cf::Meta, META_SEQ)? {
+            Some(b) => u64::from_be_bytes(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("feed seq".into()))?,
+            ),
+            None => 0,
+        };
+        let cap = NonZeroUsize::new(opts.cache_records.max(1)).expect("non-zero");
+        Ok(Store {
+            kv,
+            schema,
+            node,
+            clock,
+            cache: lru::LruCache::new(cap),
+            seq,
+            opts,
+        })
+    }
+
+    /// An in-memory store (tests, simulation).
+    pub fn memory(schema: Arc<Schema>, node: NodeId, clock: Arc<dyn Clock>) -> Store {
+        Store::with_kv(
+            Arc::new(MemKv::new()),
+            schema,
+            node,
+            clock,
+            StoreOptions::default(),
+        )
+        .expect("a new memory store opens")
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// The schema.
+    pub fn schema(&self) -> &Arc<Schema> {
+        &self.schema
+    }
+
+    /// The latest feed sequence.
+    pub fn feed_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Direct access to the key-value layer (the sync engine keeps its
+    /// checkpoints beside the data).
+    pub fn kv(&self) -> &dyn Kv {
+        self.kv.as_ref()
+    }
+
+    /// Drops every cached document (tests use it to force reloads).
+    pub fn clear_cache(&mut self) {
+        self.cache.clear();
+    }
+
+    fn ctx(&self, op: &'static str) -> CommitCtx {
+        CommitCtx {
+            node: self.node,
+            time_ms: self.clock.now_ms(),
+            op,
+        }
+    }
+
+    // -- loading -----------------------------------------------------------
+
+    fn meta(&self, tx: &Tx, id: &RecordId) -> Result<Option<RecordMeta>> {
+        match tx.get(Cf::Records, id.as_str().as_bytes())? {
+            Some(b) => Ok(Some(parse("record meta", &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn load_doc(&self, id: &RecordId, meta: &RecordMeta) -> Result<Record> {
+        let snap = self
+            .kv
+            .get(Cf::Snapshots, id.as_str().as_bytes())?
+            .ok_or_else(|| Error::Corrupt(format!("{id}: snapshot missing")))?;
+        let mut chunks = Vec::new();
+        self.kv
+            .scan(Cf::Chunks, &id_prefix(id), &id_prefix(id), &mut |_, v| {
+                chunks.push(v.to_vec());
+                true
+            })?;
+        let loaded = catch_unwind(AssertUnwindSafe(
+            || -> std::result::Result<Automerge, String> {
+                let mut doc = Automerge::load(&snap).map_err(|e| e.to_string())?;
+                for c in &chunks {
+                    doc.load_incremental(c).map_err(|e| e.to_string())?;
+                }
+                Ok(doc)
+            },
+        ))
+        .map_err(|_| {
+            Error::Corrupt(format!(
+                "{id}: automerge panicked loading the stored document"
+            ))
+        })?
+        .map_err(|e| Error::Corrupt(format!("{id}: {e}")))?;
+        let mut rec = Record::from_doc(loaded);
+        rec.set_writer(self.node);
+        let heads = heads_to_hex(&rec.heads());
+        if heads != meta.heads {
+            return Err(Error::Corrupt(format!(
+                "{id}: stored heads do not match the document"
+            )));
+        }
+        Ok(rec)
+    }
+
+    /// Takes a record into the working set (from the cache or storage).
+    /// Returns false when the store does not have it.
+    fn take(&mut self, work: &mut Work, tx: &Tx, id: &RecordId) -> Result<bool> {
+        if work.slots.contains_key(id) {
+            return Ok(true);
+        }
+        let Some(meta) = self.meta(tx, id)? else {
+            return Ok(false);
+        };
+        let rec = match self.cache.pop(id) {
+            Some(r) => r,
+            None => self.load_doc(id, &meta)?,
+        };
+        let old_heads = rec.heads();
+        work.slots.insert(
+            id.clone(),
+            Slot {
+                rec,
+                meta: Some(meta),
+                old_heads,
+                dirty: false,
+                forced: false,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Reads a record without taking it (cache or storage).
+    fn read(&mut self, id: &RecordId) -> Result<Option<(Record, RecordMeta)>> {
+        let tx = Tx::new(self.kv.clone());
+        let Some(meta) = self.meta(&tx, id)? else {
+            return Ok(None);
+        };
+        if let Some(r) = self.cache.get(id) {
+            return Ok(Some((r.clone(), meta)));
+        }
+        let rec = self.load_doc(id, &meta)?;
+        self.cache.put(id.clone(), rec.clone());
+        Ok(Some((rec, meta)))
+    }
+
+    /// Follows `merged_into` to the survivor.
+    fn resolve_alias(&mut self, id: &RecordId) -> Result<RecordId> {
+        let tx = Tx::new(self.kv.clone());
+        let mut cur = id.clone();
+        for _ in 0..MAX_ALIAS_HOPS {
+            match self.meta(&tx, &cur)? {
+                Some(RecordMeta {
+                    merged_into: Some(s),
+                    ..
+                }) if s != cur => cur = s,
+                _ => break,
+            }
+        }
+        Ok(cur)
+    }
+
+    // -- reads ---------------------------------------------------------------
+
+    /// A record by id; a merged-away id is answered by its survivor.
+    pub fn get(&mut self, id: &RecordId) -> Result<Option<RecordView>> {
+        let target = self.resolve_alias(id)?;
+        let Some((rec, meta)) = self.read(&target)? else {
+            return Ok(None);
+        };
+        let mut view = self.view(&target, &rec, &meta)?;
+        if &target != id {
+            view.requested_id = Some(id.clone());
+        }
+        Ok(Some(view))
+    }
+
+    /// The record's document (for history, raw bytes, sync).
+    pub fn record(&mut self, id: &RecordId) -> Result<Option<Record>> {
+        Ok(self.read(id)?.map(|(r, _)| r))
+    }
+
+    fn view(&self, id: &RecordId, rec: &Record, meta: &RecordMeta) -> Result<RecordView> {
+        let doc = rec.doc();
+        let (created_by, created_at) = doc
+            .get(ROOT, entente_model::record::KEY_ID)
+            .ok()
+            .flatten()
+            .and_then(|(_, op)| doc.hash_for_opid(&op))
+            .map(|h| rec.change_origin(&h))
+            .unwrap_or((None, 0));
+        let (updated_by, updated_at) = rec
+            .heads()
+            .iter()
+            .map(|h| rec.change_origin(h))
+            .max_by_key(|(n, t)| (*t, *n))
+            .unwrap_or((None, 0));
+        let mut open = Vec::new();
+        for cid in self.collision_ids_for(id)? {
+            if let Some(c) = self.collision(&cid)? {
+                if c.is_open() {
+                    open.push(cid);
+                }
+            }
+        }
+        Ok(RecordView {
+            id: id.clone(),
+            collection: meta.collection.clone(),
+            fields: rec.fields_json(&self.schema),
+            deleted: meta.deleted,
+            merged_into: meta.merged_into.clone(),
+            heads: meta.heads.clone(),
+            seq: meta.seq,
+            created_by,
+            created_at,
+            updated_by,
+            updated_at,
+            requested_id: None,
+            open_collisions: open,
+        })
+    }
+
+    /// A page of a collection in id order, after `after`.
+    pub fn list(
+        &mut self,
+        collection: &str,
+        after: Option<&RecordId>,
+        limit: usize,
+        include_deleted: bool,
+    ) -> Result<Page> {
+        self.schema.collection(collection)?;
+        let prefix = key2(collection.as_bytes(), b"");
+        let start = match after {
+            Some(a) => {
+                let mut k = key2(collection.as_bytes(), a.as_str().as_bytes());
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let limit = limit.clamp(1, 10_000);
+        let mut ids = Vec::new();
+        let mut more = false;
+        {
+            let tx = Tx::new(self.kv.clone());
+            let mut candidates = Vec::new();
+            self.kv
+                .scan(Cf::ByCollection, &prefix, &start, &mut |k, _| {
+                    candidates.push(k[prefix.len()..].to_vec());
+                    true
+                })?;
+            for raw in candidates {
+                let id = RecordId::parse(&String::from_utf8_lossy(&raw))?;
+                if !include_deleted {
+                    match self.meta(&tx, &id)? {
+                        Some(m) if !m.deleted => {}
+                        _ => continue,
+                    }
+                }
+                if ids.len() == limit {
+                    more = true;
+                    break;
+                }
+                ids.push(id);
+            }
+        }
+        let mut records = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some((rec, meta)) = self.read(id)? {
+                records.push(self.view(id, &rec, &meta)?);
+            }
+        }
+        Ok(Page {
+            next: if more { ids.last().cloned() } else { None },
+            records,
+        })
+    }
+
+    /// Feed entries after `since`, oldest first, at most `limit`: every
+    /// record changed since, once, at its latest sequence.
+    pub fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>> {
+        let mut out = Vec::new();
+        let start = since.saturating_add(1).to_be_bytes();
+        let mut raw = Vec::new();
+        self.kv.scan(Cf::Feed, b"", &start, &mut |k, v| {
+            raw.push((k.to_vec(), v.to_vec()));
+            raw.len() < limit
+        })?;
+        let tx = Tx::new(self.kv.clone());
+        for (k, v) in raw {
+            let seq = u64::from_be_bytes(
+                k.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("feed key".into()))?,
+            );
+            let id = RecordId::parse(&String::from_utf8_lossy(&v))?;
+            let meta = self
+                .meta(&tx, &id)?
+                .ok_or_else(|| Error::Corrupt(format!("feed names unknown record {id}")))?;
+            out.push(FeedEntry {
+                seq,
+                id,
+                collection: meta.collection,
+                deleted: meta.deleted,
+                heads: meta.heads,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The record's history: every change, who, where, when, what it wrote.
+    pub fn history(&mut self, id: &RecordId) -> Result<Vec<HistoryEntry>> {
+        let target = self.resolve_alias(id)?;
+        let (rec, _) = self
+            .read(&target)?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        Ok(rec.history(&self.schema))
+    }
+
+    /// The record's whole Automerge document, saved (for any Automerge reader).
+    pub fn raw_document(&mut self, id: &RecordId) -> Result<Vec<u8>> {
+        let target = self.resolve_alias(id)?;
+        let (rec, _) = self
+            .read(&target)?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        Ok(rec.doc().save())
+    }
+
+    /// The heads of a record (empty when unknown).
+    pub fn heads(&self, id: &RecordId) -> Result<Vec<ChangeHash>> {
+        let tx = Tx::new(self.kv.clone());
+        match self.meta(&tx, id)? {
+            Some(m) => Ok(heads_from_hex(&m.heads)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The raw bytes of the record's changes that are not in the past of
+    /// `have` (all of them for an empty `have`), in dependency order.
+    pub fn changes_for(&mut self, id: &RecordId, have: &[ChangeHash]) -> Result<Vec<Vec<u8>>> {
+        let Some((rec, _)) = self.read(id)? else {
+            return Ok(Vec::new());
+        };
+        let have: Vec<ChangeHash> = have
+            .iter()
+            .filter(|h| rec.doc().get_change_meta_by_hash(h).is_some())
+            .copied()
+            .collect();
+        Ok(rec
+            .doc()
+            .get_changes(&have)
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect())
+    }
+
+    /// Counts.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let mut s = StoreStats {
+            feed_seq: self.seq,
+            ..Default::default()
+        };
+        self.kv.scan(Cf::Records, b"", b"", &mut |_, v| {
+            s.records += 1;
+            if let Ok(m) = serde_json::from_slice::<RecordMeta>(v) {
+                if !m.deleted {
+                    s.live_records += 1;
+                }
+            }
+            true
+        })?;
+        self.kv.scan(Cf::Collisions, b"", b"", &mut |_, v| {
+            if let Ok(c) = serde_json::from_slice::<Collision>(v) {
+                if c.is_open() {
+                    *s.open_collisions
+                        .entry(c.kind.as_str().to_string())
+                        .or_default() += 1;
+                } else {
+                    s.resolved_collisions += 1;
+                }
+            }
+            true
+        })?;
+        self.kv.scan(Cf::Pending, b"", b"", &mut |_, _| {
+            s.pending_changes += 1;
+            true
+        })?;
+        self.kv.scan(Cf::Quarantine, b"", b"", &mut |_, _| {
+            s.quarantined += 1;
+            true
+        })?;
+        Ok(s)
+    }
+
+    // -- collisions ------------------------------------------------------------
+
+    /// One collision.
+    pub fn collision(&self, id: &CollisionId) -> Result<Option<Collision>> {
+        match self.kv.get(Cf::Collisions, id.as_str().as_bytes())? {
+            Some(b) => Ok(Some(parse("collision", &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn collision_ids_for(&self, id: &RecordId) -> Result<Vec<CollisionId>> {
+        let mut out = Vec::new();
+        self.kv.scan(
+            Cf::CollisionIndex,
+            &id_prefix(id),
+            &id_prefix(id),
+            &mut |k, _| {
+                if let Ok(c) =
+                    CollisionId::parse(&String::from_utf8_lossy(&k[id.as_str().len() + 1..]))
+                {
+                    out.push(c);
+                }
+                true
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Collisions matching a filter, ordered by id.
+    pub fn collisions(&self, filter: &CollisionFilter) -> Result<Vec<Collision>> {
+        let mut out = Vec::new();
+        let keep = |c: &Collision| {
+            (filter.include_resolved || c.is_open())
+                && filter.kind.is_none_or(|k| c.kind == k)
+                && filter
+                    .collection
+                    .as_ref()
+                    .is_none_or(|col| &c.collection == col)
+        };
+        if let Some(r) = &filter.record {
+            for cid in self.collision_ids_for(r)? {
+                if let Some(c) = self.collision(&cid)? {
+                    if keep(&c) {
+                        out.push(c);
+                    }
+                }
+            }
+            return Ok(out);
+        }
+        let mut err = None;
+        self.kv.scan(Cf::Collisions, b"", b"", &mut |_, v| {
+            match serde_json::from_slice::<Collision>(v) {
+                Ok(c) if keep(&c) => out.push(c),
+                Ok(_) => {}
+                Err(e) => {
+                    err = Some(Error::Corrupt(format!("collision: {e}")));
+                    return false;
+                }
+            }
+            true
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    // -- local writes ------------------------------------------------------------
+
+    /// Creates one record.
+    pub fn create(
+        &mut self,
+        collection: &str,
+        id: Option<RecordId>,
+        fields: &serde_json::Map<String, Json>,
+        force: bool,
+    ) -> Result<WriteResult> {
+        let mut out = self.create_many(vec![NewRecord {
+            collection: collection.to_string(),
+            id,
+            fields: fields.clone(),
+            force,
+        }])?;
+        Ok(out.pop().expect("one result per record"))
+    }
+
+    /// Creates many records in one atomic batch: all land or none does (the
+    /// first refusal refuses the batch). Duplicates within the batch count.
+    pub fn create_many(&mut self, items: Vec<NewRecord>) -> Result<Vec<WriteResult>> {
+        let ctx = self.ctx("create");
+        let mut work = Work::default();
+        let mut order = Vec::with_capacity(items.len());
+        let result = (|| -> Result<()> {
+            let mut tx = Tx::new(self.kv.clone());
+            for item in &items {
+                let id = item.id.clone().unwrap_or_else(|| self.clock.new_id());
+                if work.slots.contains_key(&id) || self.meta(&tx, &id)?.is_some() {
+                    return Err(Error::AlreadyExists(id));
+                }
+                let edit = Edit::from_json(&self.schema, &item.collection, &item.fields)?;
+                let rec = Record::create(&self.schema, &item.collection, &id, &edit.set, &ctx)?;
+                self.check_references(&mut work, &tx, &item.collection, &edit)?;
+                work.slots.insert(
+                    id.clone(),
+                    Slot {
+                        rec,
+                        meta: None,
+                        old_heads: Vec::new(),
+                        dirty: true,
+                        forced: item.force,
+                    },
+                );
+                // Index this record now so later items of the batch see it.
+                self.check_unique(&mut work, &tx, &id, item.force)?;
+                self.index(&mut work, &mut tx, &id)?;
+                order.push(id);
+            }
+            self.finish(&mut work, tx)
+        })();
+        self.settle(work, result.is_ok());
+        result?;
+        order
+            .iter()
+            .map(|id| {
+                let view = self
+                    .get(id)?
+                    .ok_or_else(|| Error::NotFound(id.to_string()))?;
+                Ok(WriteResult {
+                    change: view.heads.first().cloned(),
+                    record: view,
+                    concurrent: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Updates fields (`null` unsets). With `base` (heads the client read), the
+    /// edit is applied as of that version and merged; the result lists fields
+    /// changed concurrently since.
+    pub fn update(
+        &mut self,
+        id: &RecordId,
+        fields: &serde_json::Map<String, Json>,
+        base: Option<&[String]>,
+        force: bool,
+    ) -> Result<WriteResult> {
+        let id = self.resolve_alias(id)?;
+        let ctx = self.ctx("update");
+        let mut work = Work::default();
+        let mut outcome = None;
+        let result = (|| -> Result<()> {
+            let mut tx = Tx::new(self.kv.clone());
+            if !self.take(&mut work, &tx, &id)? {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            let collection = work.slots[&id]
+                .meta
+                .as_ref()
+                .expect("stored")
+                .collection
+                .clone();
+            let edit = Edit::from_json(&self.schema, &collection, fields)?;
+            let base = match base {
+                Some(b) => Some(heads_from_hex(b)?),
+                None => None,
+            };
+            self.check_references(&mut work, &tx, &collection, &edit)?;
+            let slot = work.slots.get_mut(&id).expect("taken");
+            let out = slot
+                .rec
+                .update(&self.schema, &edit, base.as_deref(), &[], &ctx)?;
+            slot.dirty = out.change.is_some();
+            slot.forced = force;
+            outcome = Some(out);
+            if work.slots[&id].dirty {
+                self.check_unique(&mut work, &tx, &id, force)?;
+                self.index(&mut work, &mut tx, &id)?;
+            }
+            self.finish(&mut work, tx)
+        })();
+        self.settle(work, result.is_ok());
+        result?;
+        let out = outcome.expect("set on success");
+        let record = self
+            .get(&id)?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        Ok(WriteResult {
+            record,
+            change: out.change.map(|h| hex_lower(&h.0)),
+            concurrent: out.concurrent,
+        })
+    }
+
+    /// Deletes a record (a tombstone). Deleting a deleted record changes
+    /// nothing.
+    pub fn delete(&mut self, id: &RecordId) -> Result<WriteResult> {
+        let id = self.resolve_alias(id)?;
+        let ctx = self.ctx("delete");
+        let mut work = Work::default();
+        let mut change = None;
+        let result = (|| -> Result<()> {
+            let mut tx = Tx::new(self.kv.clone());
+            if !self.take(&mut work, &tx, &id)? {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            let slot = work.slots.get_mut(&id).expect("taken");
+            if slot.rec.is_deleted() {
+                return Ok(());
+            }
+            change = Some(slot.rec.delete(None, &[], &ctx)?);
+            slot.dirty = true;
+            self.index(&mut work, &mut tx, &id)?;
+            self.finish(&mut work, tx)
+        })();
+        self.settle(work, result.is_ok());
+        result?;
+        let record = self
+            .get(&id)?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        Ok(WriteResult {
+            record,
+            change: change.map(|h| hex_lower(&h.0)),
+            concurrent: Vec::new(),
+        })
+    }
+
+    /// Restores a deleted record, optionally setting fields. The restored
+    /// record claims its unique values again: a clash is refused unless
+    /// `force`.
+    pub fn restore(
+        &mut self,
+        id: &RecordId,
+        fields: &serde_json::Map<String, Json>,
+        force: bool,
+    ) -> Result<WriteResult> {
+        let ctx = self.ctx("restore");
+        let id = id.clone();
+        let mut work = Work::default();
+        let mut change = None;
+        let result = (|| -> Result<()> {
+            let mut tx = Tx::new(self.kv.clone());
+            if !self.take(&mut work, &tx, &id)? {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            let collection = work.slots[&id]
+                .meta
+                .as_ref()
+                .expect("stored")
+                .collection
+                .clone();
+            let edit = Edit::from_json(&self.schema, &collection, fields)?;
+            self.check_references(&mut work, &tx, &collection, &edit)?;
+            let slot = work.slots.get_mut(&id).expect("taken");
+            change = Some(slot.rec.restore(&self.schema, &edit, &[], &ctx)?);
+            slot.dirty = true;
+            slot.forced = force;
+            self.check_unique(&mut work, &tx, &id, force)?;
+            self.index(&mut work, &mut tx, &id)?;
+            self.finish(&mut work, tx)
+        })();
+        self.settle(work, result.is_ok());
+        result?;
+        let record = self
+            .get(&id)?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        Ok(WriteResult {
+            record,
+            change: change.map(|h| hex_lower(&h.0)),
+            concurrent: Vec::new(),
+        })
+    }
+
+    /// Settles an open collision. The resolution is a change to every record
+    /// involved (its effect plus the resolution entry) in one batch; it
+    /// replicates like any change.
+    pub fn resolve(&mut self, cid: &CollisionId, req: &ResolveRequest) -> Result<Collision> {
+        let c = self
+            .collision(cid)?
+            .ok_or_else(|| Error::CollisionNotFound(cid.to_string()))?;
+        let ctx = self.ctx("resolve");
+        let mut work = Work::default();
+        let result = (|| -> Result<()> {
+            let mut tx = Tx::new(self.kv.clone());
+            for r in &c.records {
+                if !self.take(&mut work, &tx, r)? {
+                    return Err(Error::NotFound(r.to_string()));
+                }
+            }
+            let token = {
+                let mut h = blake3::Hasher::new();
+                h.update(cid.as_str().as_bytes());
+                h.update(&self.node.0);
+                h.update(&ctx.time_ms.to_le_bytes());
+                for s in work.slots.values() {
+                    for head in s.rec.heads() {
+                        h.update(&head.0);
+                    }
+                }
+                hex_lower(&h.finalize().as_bytes()[..8])
+            };
+            let plan = {
+                let recs: BTreeMap<RecordId, &Record> = work
+                    .slots
+                    .iter()
+                    .map(|(k, s)| (k.clone(), &s.rec))
+                    .collect();
+                collision::plan_resolution(
+                    &self.schema,
+                    &c,
+                    req,
+                    &recs,
+                    self.node,
+                    ctx.time_ms,
+                    token,
+                )?
+            };
+            let entry = vec![(cid.to_string(), plan.entry.to_text())];
+            for (rid, w) in &plan.writes {
+                let collection = c.collection.clone();
+                if let PlannedWrite::Update(e) | PlannedWrite::Restore(e) = w {
+                    self.check_references(&mut work, &tx, &collection, e)?;
+                }
+                let slot = work.slots.get_mut(rid).expect("taken");
+                match w {
+                    PlannedWrite::Update(e) => {
+                        if slot.rec.is_deleted() {
+                            slot.rec.restore(&self.schema, e, &entry, &ctx)?;
+                        } else {
+                            slot.rec.update(&self.schema, e, None, &entry, &ctx)?;
+                        }
+                    }
+                    PlannedWrite::Restore(e) => {
+                        slot.rec.restore(&self.schema, e, &entry, &ctx)?;
+                    }
+                    PlannedWrite::Delete { merged_into } => {
+                        slot.rec.delete(merged_into.as_ref(), &entry, &ctx)?;
+                    }
+                    PlannedWrite::Annotate => {
+                        slot.rec.annotate(&entry, &ctx)?;
+                    }
+                }
+                slot.dirty = true;
+            }
+            let ids: Vec<RecordId> = plan.writes.keys().cloned().collect();
+            for rid in &ids {
+                self.index(&mut work, &mut tx, rid)?;
+            }
+            self.finish(&mut work, tx)
+        })();
+        self.settle(work, result.is_ok());
+        result?;
+        self.collision(cid)?
+            .ok_or_else(|| Error::CollisionNotFound(cid.to_string()))
+    }
+
+    // -- remote changes ---------------------------------------------------------
+
+    /// Applies raw Automerge changes received from a peer, grouped by record,
+    /// in one atomic batch. Each change is parsed on its own, size-capped and
+    /// checksum-verified; each record's changes are applied to a copy of its
+    /// document under a panic guard and checked before the copy replaces the
+    /// original. Changes whose dependencies are missing wait (durably) until
+    /// they arrive. A record whose input is refused keeps its old state; the
+    /// input is quarantined and reported.
+    pub fn apply_remote(&mut self, batch: Vec<(RecordId, Vec<Vec<u8>>)>) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        let mut work = Work::default();
+        let result = (|| -> Result<()> {
+            let mut tx = Tx::new(self.kv.clone());
+            let mut grouped: BTreeMap<RecordId, Vec<Vec<u8>>> = BTreeMap::new();
+            for (id, changes) in batch {
+                grouped.entry(id).or_default().extend(changes);
+            }
+            for (id, raw) in grouped {
+                match self.apply_record(&mut work, &mut tx, &id, raw, &mut report) {
+                    Ok(()) => {}
+                    Err(Error::RejectedChange { reason, .. }) => {
+                        let key = key2(id.as_str().as_bytes(), &self.clock.now_ms().to_be_bytes());
+                        tx.put(
+                            Cf::Quarantine,
+                            key,
+                            json(&serde_json::json!({"record": id, "reason": reason})),
+                        );
+                        tracing::warn!(record = %id, %reason, "quarantined remote input");
+                        report.rejected.push((id, reason));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let ids: Vec<RecordId> = work
+                .slots
+                .iter()
+                .filter(|(_, s)| s.dirty)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in &ids {
+                self.index(&mut work, &mut tx, id)?;
+            }
+            report.records_changed = ids.len();
+            self.finish(&mut work, tx)
+        })();
+        self.settle(work, result.is_ok());
+        result?;
+        Ok(report)
+    }
+
+    fn apply_record(
+        &mut self,
+        work: &mut Work,
+        tx: &mut Tx,
+        id: &RecordId,
+        raw: Vec<Vec<u8>>,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let reject = |reason: String| Error::RejectedChange {
+            record: id.to_string(),
+            reason,
+        };
+        if raw.len() > MAX_CHANGES_PER_RECORD {
+            return Err(reject(format!("{} changes in one batch", raw.len())));
+        }
+        let mut incoming: BTreeMap<ChangeHash, Change> = BTreeMap::new();
+        for bytes in raw {
+            let c = parse_change(bytes).map_err(&reject)?;
+            incoming.insert(c.hash(), c);
+        }
+        // Changes that were waiting for this record join the attempt.
+        let mut waiting = Vec::new();
+        for k in tx.keys_with_prefix(Cf::Pending, &id_prefix(id))? {
+            if let Some(b) = tx.get(Cf::Pending, &k)? {
+                waiting.push(k.clone());
+                if let Ok(c) = parse_change(b) {
+                    incoming.entry(c.hash()).or_insert(c);
+                }
+            }
+        }
+        let known = self.take(work, tx, id)?;
+        if !known {
+            work.slots.insert(
+                id.clone(),
+                Slot {
+                    rec: Record::empty(self.node),
+                    meta: None,
+                    old_heads: Vec::new(),
+                    dirty: false,
+                    forced: false,
+                },
+            );
+        }
+        let slot = work.slots.get_mut(id).expect("present");
+        let old_heads = slot.rec.heads();
+        let fresh: Vec<Change> = incoming
+            .values()
+            .filter(|c| slot.rec.doc().get_change_meta_by_hash(&c.hash()).is_none())
+            .cloned()
+            .collect();
+        report.changes_duplicate += incoming.len() - fresh.len();
+        if fresh.is_empty() {
+            for k in waiting {
+                tx.del(Cf::Pending, k);
+            }
+            if !known {
+                work.slots.remove(id);
+            }
+            return Ok(());
+        }
+        let mut copy = slot.rec.doc().clone();
+        let applied = catch_unwind(AssertUnwindSafe(
+            || -> std::result::Result<Automerge, String> {
+                copy.apply_changes(fresh.clone())
+                    .map_err(|e| e.to_string())?;
+                // A document that accepted bad input can disagree with itself:
+                // the change metadata and the rebuilt changes must name the same
+                // hashes before the copy may replace the original.
+                let meta: BTreeSet<ChangeHash> = copy
+                    .get_changes_meta(&old_heads)
+                    .iter()
+                    .map(|m| m.hash)
+                    .collect();
+                let full: BTreeSet<ChangeHash> = copy
+                    .get_changes(&old_heads)
+                    .iter()
+                    .map(|c| c.hash())
+                    .collect();
+                if meta != full {
+                    return Err("document inconsistent after applying".into());
+                }
+                Ok(copy)
+            },
+        ));
+        let new_doc = match applied {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                if !known {
+                    work.slots.remove(id);
+                }
+                return Err(reject(e));
+            }
+            Err(_) => {
+                if !known {
+                    work.slots.remove(id);
+                }
+                return Err(reject("automerge panicked applying the changes".into()));
+            }
+        };
+        let mut rec = Record::from_doc(new_doc);
+        rec.set_writer(self.node);
+        // The record must say it is the record it was sent as.
+        if let Some(doc_id) = rec.id() {
+            if &doc_id != id {
+                if !known {
+                    work.slots.remove(id);
+                }
+                return Err(reject(format!("changes belong to record {doc_id}")));
+            }
+        }
+        let mut still_pending = 0;
+        for k in &waiting {
+            tx.del(Cf::Pending, k.clone());
+        }
+        for c in &fresh {
+            if rec.doc().get_change_meta_by_hash(&c.hash()).is_some() {
+                report.changes_applied += 1;
+            } else {
+                still_pending += 1;
+                let mut k = id_prefix(id);
+                k.extend_from_slice(&c.hash().0);
+                tx.put(Cf::Pending, k, c.raw_bytes().to_vec());
+            }
+        }
+        report.changes_pending += still_pending;
+        let has_identity = rec.id().is_some() && rec.collection().is_some();
+        let changed = rec.heads() != old_heads;
+        let slot = work.slots.get_mut(id).expect("present");
+        slot.rec = rec;
+        if !has_identity {
+            // Nothing but pending changes yet: no record to index.
+            work.slots.remove(id);
+            return Ok(());
+        }
+        if let Some(c) = work.slots[id].rec.collection() {
+            if self.schema.collection(&c).is_err() {
+                work.slots.remove(id);
+                return Err(reject(format!("unknown collection `{c}`")));
+            }
+        }
+        work.slots.get_mut(id).expect("present").dirty = changed;
+        Ok(())
+    }
+
+    // -- the shared write path ------------------------------------------------
+
+    fn check_references(
+        &mut self,
+        work: &mut Work,
+        tx: &Tx,
+        collection: &str,
+        edit: &Edit,
+    ) -> Result<()> {
+        for (field, to) in self.schema.references(collection) {
+            let Some(v) = edit.set.get(&field) else {
+                continue;
+            };
+            let target = RecordId::parse(&v.to_text())?;
+            let target = self.resolve_alias(&target)?;
+            let live = match work.slots.get(&target) {
+                Some(s) => {
+                    Some(!s.rec.is_deleted() && s.rec.collection().as_deref() == Some(to.as_str()))
+                }
+                None => self
+                    .meta(tx, &target)?
+                    .map(|m| !m.deleted && m.collection == to),
+            };
+            match live {
+                None => {
+                    return Err(Error::BadReference {
+                        field,
+                        target: target.to_string(),
+                        why: "does not exist",
+                    });
+                }
+                Some(false) => {
+                    return Err(Error::BadReference {
+                        field,
+                        target: target.to_string(),
+                        why: "is deleted or not in the referenced collection",
+                    });
+                }
+                Some(true) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a unique value another live record holds, unless forced.
+    fn check_unique(&mut self, work: &mut Work, tx: &Tx, id: &RecordId, force: bool) -> Result<()> {
+        if force {
+            return Ok(());
+        }
+        let slot = &work.slots[id];
+        let Some(collection) = slot.rec.collection() else {
+            return Ok(());
+        };
+        let held: BTreeSet<(String, String)> = slot
+            .meta
+            .as_ref()
+            .map(|m| m.unique.iter().cloned().collect())
+            .unwrap_or_default();
+        for key in self.schema.unique_keys(&collection) {
+            for value in unique_values(&self.schema, &slot.rec, &key) {
+                // A value the record already held (and shares) is not new.
+                if held.contains(&(key.name.clone(), value.clone())) {
+                    continue;
+                }
+                for k in
+                    tx.keys_with_prefix(Cf::Unique, &unique_prefix(&collection, &key.name, &value))?
+                {
+                    let other = String::from_utf8_lossy(
+                        &k[unique_prefix(&collection, &key.name, &value).len()..],
+                    )
+                    .into_owned();
+                    if other != id.as_str() {
+                        return Err(Error::Duplicate {
+                            code: key.code(),
+                            field: key.name.clone(),
+                            value: value.replace('\u{1f}', " + "),
+                            existing: RecordId::parse(&other)?,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings a dirty record's unique and reference index entries up to date
+    /// in `tx` (so the rest of the operation sees them).
+    fn index(&mut self, work: &mut Work, tx: &mut Tx, id: &RecordId) -> Result<()> {
+        let slot = work.slots.get_mut(id).expect("in work");
+        let collection = slot
+            .rec
+            .collection()
+            .expect("dirty records have a collection");
+        let old = slot.meta.clone();
+        let mut unique = Vec::new();
+        for key in self.schema.unique_keys(&collection) {
+            for v in unique_values(&self.schema, &slot.rec, &key) {
+                unique.push((key.name.clone(), v));
+            }
+        }
+        let mut refs = Vec::new();
+        for (field, _) in self.schema.references(&collection) {
+            for (v, _) in slot.rec.field_values(&self.schema, &field) {
+                refs.push((field.clone(), v.to_text()));
+            }
+        }
+        refs.sort();
+        refs.dedup();
+        let (old_unique, old_refs) = old
+            .as_ref()
+            .map(|m| (m.unique.clone(), m.refs.clone()))
+            .unwrap_or_default();
+        for (k, v) in &old_unique {
+            if !unique.contains(&(k.clone(), v.clone())) {
+                let mut key = unique_prefix(&collection, k, v);
+                key.extend_from_slice(id.as_str().as_bytes());
+                tx.del(Cf::Unique, key);
+            }
+        }
+        for (k, v) in &unique {
+            let mut key = unique_prefix(&collection, k, v);
+            key.extend_from_slice(id.as_str().as_bytes());
+            tx.put(Cf::Unique, key, Vec::new());
+        }
+        for (f, t) in &old_refs {
+            if !refs.contains(&(f.clone(), t.clone())) {
+                tx.del(Cf::Refs, ref_key(t, id, f));
+            }
+        }
+        for (f, t) in &refs {
+            tx.put(Cf::Refs, ref_key(t, id, f), Vec::new());
+        }
+        // Keep what is held on the slot's meta (persisted by finish).
+        let deleted = slot.rec.is_deleted();
+        let merged_into = slot.rec.merged_into();
+        let meta = slot.meta.get_or_insert_with(|| RecordMeta {
+            collection: collection.clone(),
+            seq: 0,
+            deleted,
+            merged_into: None,
+            heads: Vec::new(),
+            snap_len: 0,
+            next_chunk: 0,
+            chunks: 0,
+            chunk_bytes: 0,
+            unique: Vec::new(),
+            refs: Vec::new(),
+        });
+        meta.deleted = deleted;
+        meta.merged_into = merged_into;
+        meta.heads = heads_to_hex(&slot.rec.heads());
+        // Storage fields are updated by finish; the index view is current now.
+        meta.unique = unique;
+        meta.refs = refs;
+        tx.put(Cf::Records, id.as_str().as_bytes().to_vec(), json(&*meta));
+        if old.is_none() {
+            tx.put(
+                Cf::ByCollection,
+                key2(collection.as_bytes(), id.as_str().as_bytes()),
+                Vec::new(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Persists dirty records (document bytes, feed), re-evaluates the
+    /// collisions their change can affect, and commits everything as one batch.
+    fn finish(&mut self, work: &mut Work, mut tx: Tx) -> Result<()> {
+        let dirty: Vec<RecordId> = work
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if dirty.is_empty() {
+            return tx.commit();
+        }
+        // Subjects touched, from the state before and after.
+        let mut subjects: BTreeSet<Subject> = BTreeSet::new();
+        let mut before_unique: BTreeMap<RecordId, Vec<(String, String)>> = BTreeMap::new();
+        for id in &dirty {
+            // What the record held before this operation (from storage).
+            if let Some(b) = self.kv.get(Cf::Records, id.as_str().as_bytes())? {
+                let m: RecordMeta = parse("record meta", &b)?;
+                before_unique.insert(id.clone(), m.unique.clone());
+                for (f, _) in m.refs {
+                    subjects.insert(Subject::Dangling(id.clone(), f));
+                }
+            }
+        }
+        for id in &dirty {
+            let slot = &work.slots[id];
+            let meta = slot.meta.as_ref().expect("indexed");
+            let collection = meta.collection.clone();
+            subjects.insert(Subject::UpdateDelete(id.clone()));
+            if let Ok(def) = self.schema.collection(&collection) {
+                for (f, d) in &def.fields {
+                    if d.policy == MergePolicy::Flag {
+                        subjects.insert(Subject::Flagged(id.clone(), f.clone()));
+                    }
+                }
+            }
+            for (f, _) in self.schema.references(&collection) {
+                subjects.insert(Subject::Dangling(id.clone(), f));
+            }
+            // Records pointing at this one.
+            for k in tx.keys_with_prefix(Cf::Refs, &id_prefix(id))? {
+                let rest = String::from_utf8_lossy(&k[id.as_str().len() + 1..]).into_owned();
+                if let Some((referrer, field)) = rest.split_once('\0') {
+                    if let Ok(r) = RecordId::parse(referrer) {
+                        subjects.insert(Subject::Dangling(r, field.to_string()));
+                    }
+                }
+            }
+            for (key, value) in meta
+                .unique
+                .iter()
+                .chain(before_unique.get(id).into_iter().flatten())
+            {
+                subjects.insert(Subject::Duplicate {
+                    collection: collection.clone(),
+                    key: key.clone(),
+                    value: value.clone(),
+                });
+            }
+        }
+
+        // Forced writes record a "force" resolution of the duplicate they make.
+        let forced: Vec<RecordId> = dirty
+            .iter()
+            .filter(|id| work.slots[*id].forced)
+            .cloned()
+            .collect();
+        for id in &forced {
+            let meta = work.slots[id].meta.clone().expect("indexed");
+            let mut entries = Vec::new();
+            for (key, value) in &meta.unique {
+                let subject = Subject::Duplicate {
+                    collection: meta.collection.clone(),
+                    key: key.clone(),
+                    value: value.clone(),
+                };
+                if let Some(c) = self.evaluate(work, &tx, &subject)? {
+                    let at = self.clock.now_ms();
+                    let entry = ResolutionEntry {
+                        resolution: collision::Resolution {
+                            by: self.node,
+                            at_ms: at,
+                            action: "force".into(),
+                            detail: serde_json::json!({"record": id, "field": key}),
+                            token: hex_lower(
+                                &blake3::hash(c.id.as_str().as_bytes()).as_bytes()[..8],
+                            ),
+                        },
+                        collision: c.clone(),
+                    };
+                    entries.push((c.id.to_string(), entry.to_text()));
+                }
+            }
+            if !entries.is_empty() {
+                let ctx = self.ctx("force");
+                work.slots
+                    .get_mut(id)
+                    .expect("present")
+                    .rec
+                    .annotate(&entries, &ctx)?;
+            }
+        }
+
+        // Document bytes, feed, metadata.
+        for id in &dirty {
+            let slot = work.slots.get_mut(id).expect("present");
+            let meta = slot.meta.as_mut().expect("indexed");
+            meta.heads = heads_to_hex(&slot.rec.heads());
+            if meta.seq > 0 {
+                tx.del(Cf::Feed, meta.seq.to_be_bytes().to_vec());
+            }
+            self.seq += 1;
+            meta.seq = self.seq;
+            tx.put(
+                Cf::Feed,
+                self.seq.to_be_bytes().to_vec(),
+                id.as_str().as_bytes().to_vec(),
+            );
+            let doc = slot.rec.doc();
+            let is_new = meta.snap_len == 0;
+            let compact = !is_new
+                && (meta.chunks + 1 >= self.opts.compact_after_chunks
+                    || meta.chunk_bytes
+                        > meta.snap_len.saturating_mul(self.opts.compact_bytes_factor));
+            let mut snapshot = None;
+            if is_new || compact {
+                let bytes = doc.save();
+                // Compaction replaces chunks only when the snapshot loads.
+                let loads = is_new
+                    || catch_unwind(AssertUnwindSafe(|| Automerge::load(&bytes).is_ok()))
+                        .unwrap_or(false);
+                if loads {
+                    snapshot = Some(bytes);
+                } else {
+                    tracing::error!(record = %id, "compaction skipped: the new snapshot does not load");
+                    tx.put(
+                        Cf::Quarantine,
+                        key2(id.as_str().as_bytes(), b"compaction"),
+                        json(&serde_json::json!({"record": id, "reason": "snapshot failed to load; chunks kept"})),
+                    );
+                }
+            }
+            match snapshot {
+                Some(bytes) => {
+                    for n in meta.next_chunk.saturating_sub(meta.chunks)..meta.next_chunk {
+                        tx.del(Cf::Chunks, chunk_key(id, n));
+                    }
+                    meta.snap_len = bytes.len() as u64;
+                    meta.chunks = 0;
+                    meta.chunk_bytes = 0;
+                    tx.put(Cf::Snapshots, id.as_str().as_bytes().to_vec(), bytes);
+                }
+                None => {
+                    let chunk = doc.save_after(&slot.old_heads);
+                    meta.chunk_bytes += chunk.len() as u64;
+                    meta.chunks += 1;
+                    tx.put(Cf::Chunks, chunk_key(id, meta.next_chunk), chunk);
+                    meta.next_chunk += 1;
+                }
+            }
+            tx.put(Cf::Records, id.as_str().as_bytes().to_vec(), json(&*meta));
+        }
+        tx.put(Cf::Meta, META_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
+
+        // Resolution entries first: a resolved collision stays resolved.
+        for id in &dirty {
+            for (cid, texts) in work.slots[id].rec.resolutions() {
+                let Ok(cid) = CollisionId::parse(&cid) else {
+                    continue;
+                };
+                let mut entries: Vec<ResolutionEntry> = texts
+                    .iter()
+                    .filter_map(|t| ResolutionEntry::parse(t))
+                    .collect();
+                let existing: Option<Collision> =
+                    match tx.get(Cf::Collisions, cid.as_str().as_bytes())? {
+                        Some(b) => Some(parse("collision", &b)?),
+                        None => None,
+                    };
+                if let Some(Collision {
+                    status: Status::Resolved(r),
+                    ..
+                }) = &existing
+                {
+                    if let Some(e) = entries.first().cloned() {
+                        entries.push(ResolutionEntry {
+                            collision: e.collision,
+                            resolution: r.clone(),
+                        });
+                    }
+                }
+                let Some(win) = ResolutionEntry::winner(entries) else {
+                    continue;
+                };
+                let mut c = win.collision.clone();
+                c.id = cid.clone();
+                c.status = Status::Resolved(win.resolution);
+                if existing.as_ref() != Some(&c) {
+                    self.put_collision(&mut tx, &c, existing.as_ref());
+                }
+            }
+        }
+
+        for subject in &subjects {
+            let key = subject.key();
+            let old = tx
+                .get(Cf::Subjects, &key)?
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            let new = self.evaluate(work, &tx, subject)?;
+            if let Some(old) = &old {
+                if new.as_ref().map(|c| c.id.as_str()) != Some(old.as_str()) {
+                    if let Some(b) = tx.get(Cf::Collisions, old.as_bytes())? {
+                        let c: Collision = parse("collision", &b)?;
+                        if c.is_open() {
+                            self.remove_collision(&mut tx, &c);
+                        }
+                    }
+                }
+            }
+            match new {
+                Some(c) => {
+                    tx.put(Cf::Subjects, key, c.id.as_str().as_bytes().to_vec());
+                    let existing: Option<Collision> =
+                        match tx.get(Cf::Collisions, c.id.as_str().as_bytes())? {
+                            Some(b) => Some(parse("collision", &b)?),
+                            None => None,
+                        };
+                    match &existing {
+                        Some(e) if !e.is_open() => {}
+                        Some(e) if e == &c => {}
+                        _ => self.put_collision(&mut tx, &c, existing.as_ref()),
+                    }
+                }
+                None => {
+                    if old.is_some() {
+                        tx.del(Cf::Subjects, key);
+                    }
+                }
+            }
+        }
+        tx.commit()
+    }
+
+    fn put_collision(&self, tx: &mut Tx, c: &Collision, old: Option<&Collision>) {
+        if let Some(o) = old {
+            for r in &o.records {
+                if !c.records.contains(r) {
+                    tx.del(
+                        Cf::CollisionIndex,
+                        key2(r.as_str().as_bytes(), o.id.as_str().as_bytes()),
+                    );
+                }
+            }
+        }
+        for r in &c.records {
+            tx.put(
+                Cf::CollisionIndex,
+                key2(r.as_str().as_bytes(), c.id.as_str().as_bytes()),
+                Vec::new(),
+            );
+        }
+        tx.put(Cf::Collisions, c.id.as_str().as_bytes().to_vec(), json(c));
+    }
+
+    fn remove_collision(&self, tx: &mut Tx, c: &Collision) {
+        for r in &c.records {
+            tx.del(
+                Cf::CollisionIndex,
+                key2(r.as_str().as_bytes(), c.id.as_str().as_bytes()),
+            );
+        }
+        tx.del(Cf::Collisions, c.id.as_str().as_bytes().to_vec());
+    }
+
+    /// Loads a record for reading during an operation (into the working set,
+    /// not dirty).
+    fn peek<'w>(
+        &mut self,
+        work: &'w mut Work,
+        tx: &Tx,
+        id: &RecordId,
+    ) -> Result<Option<&'w Record>> {
+        if !self.take(work, tx, id)? {
+            return Ok(None);
+        }
+        Ok(work.slots.get(id).map(|s| &s.rec))
+    }
+
+    /// The collision standing for a subject now, if any.
+    fn evaluate(
+        &mut self,
+        work: &mut Work,
+        tx: &Tx,
+        subject: &Subject,
+    ) -> Result<Option<Collision>> {
+        Ok(match subject {
+            Subject::UpdateDelete(id) => self
+                .peek(work, tx, id)?
+                .and_then(|r| detect_update_delete(&self.schema, r)),
+            Subject::Flagged(id, field) => self
+                .peek(work, tx, id)?
+                .map(|r| detect_flagged(&self.schema, r))
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.field.as_deref() == Some(field.as_str())),
+            Subject::Dangling(id, field) => {
+                let target = match self.peek(work, tx, id)? {
+                    Some(r) if !r.is_deleted() => r
+                        .field_values(&self.schema, field)
+                        .pop()
+                        .and_then(|(v, _)| RecordId::parse(&v.to_text()).ok()),
+                    _ => None,
+                };
+                match target {
+                    Some(t) if self.take(work, tx, &t)? => {
+                        let referrer = &work.slots[id].rec;
+                        let target = &work.slots[&t].rec;
+                        detect_dangling(&self.schema, referrer, field, target)
+                    }
+                    _ => None,
+                }
+            }
+            Subject::Duplicate {
+                collection,
+                key,
+                value,
+            } => {
+                let prefix = unique_prefix(collection, key, value);
+                let mut holders = Vec::new();
+                for k in tx.keys_with_prefix(Cf::Unique, &prefix)? {
+                    holders.push(RecordId::parse(&String::from_utf8_lossy(
+                        &k[prefix.len()..],
+                    ))?);
+                }
+                if holders.len() < 2 {
+                    return Ok(None);
+                }
+                for h in &holders {
+                    self.take(work, tx, h)?;
+                }
+                let Some(ukey) = self
+                    .schema
+                    .unique_keys(collection)
+                    .into_iter()
+                    .find(|k| &k.name == key)
+                else {
+                    return Ok(None);
+                };
+                let recs: Vec<&Record> = holders
+                    .iter()
+                    .filter_map(|h| work.slots.get(h).map(|s| &s.rec))
+                    .collect();
+                detect_duplicate(&self.schema, collection, &ukey, value, &recs)
+            }
+        })
+    }
+
+    /// After an operation: on success the working set goes back into the
+    /// cache; on failure it is dropped (storage is unchanged, so the next
+    /// read loads the persisted state).
+    fn settle(&mut self, work: Work, ok: bool) {
+        if !ok {
+            if let Err(e) = self.reload_seq() {
+                tracing::error!(error = %e, "could not re-read the feed sequence");
+            }
+            return;
+        }
+        for (id, slot) in work.slots {
+            if slot.meta.is_some() {
+                self.cache.put(id, slot.rec);
+            }
+        }
+    }
+
+    /// Re-reads the feed counter after a failed batch (the counter advanced
+    /// in memory but the batch did not land).
+    pub fn reload_seq(&mut self) -> Result<()> {
+        self.seq = match self.kv.get(Cf::Meta, META_SEQ)? {
+            Some(b) => u64::from_be_bytes(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("feed seq".into()))?,
+            ),
+            None => 0,
+        };
+        Ok(())
+    }
+}
+
+fn ref_key(target: &str, referrer: &RecordId, field: &str) -> Vec<u8> {
+    let mut k = key2(target.as_bytes(), referrer.as_str().as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(field.as_bytes());
+    k
+}
+
+/// Parses one change from a peer: size cap, uncompressed change chunk only,
+/// checksum verified (Automerge's `Change::from_bytes` does not), all under a
+/// panic guard.
+pub fn parse_change(bytes: Vec<u8>) -> std::result::Result<Change, String> {
+    if bytes.len() > MAX_CHANGE_BYTES {
+        return Err(format!("change of {} bytes exceeds the cap", bytes.len()));
+    }
+    // Chunk layout: magic (4), checksum (4), type (1); type 1 is a change.
+    if bytes.len() < 9 || bytes[..4] != [0x85, 0x6f, 0x4a, 0x83] || bytes[8] != 1 {
+        return Err("not an uncompressed Automerge change".into());
+    }
+    let checksum: [u8; 4] = bytes[4..8].try_into().expect("4 bytes");
+    let parsed = catch_unwind(AssertUnwindSafe(|| Change::from_bytes(bytes)))
+        .map_err(|_| "automerge panicked parsing a change".to_string())?
+        .map_err(|e| format!("bad change: {e}"))?;
+    if parsed.hash().0[..4] != checksum {
+        return Err("change checksum does not match its contents".into());
+    }
+    Ok(parsed)
+}
