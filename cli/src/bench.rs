@@ -141,7 +141,7 @@ fn open(path: &Path, node: u8) -> Result<Store> {
 }
 
 fn progress(what: &str, done: usize, total: usize, started: Instant) {
-    if total >= 10 && done % (total / 10).max(1) == 0 {
+    if total >= 10 && done.is_multiple_of((total / 10).max(1)) {
         eprintln!(
             "  {what}: {done}/{total} ({:.0}/s, rss {} MiB)",
             rate(done, started.elapsed()),

@@ -8,7 +8,8 @@
 //! - **update_delete**: the visible tombstone values (`_deleted`) are mapped to
 //!   the changes that wrote them; `get_changes(tombstones)` lists exactly the
 //!   changes outside their causal past; any of those that writes a user field
-//!   (or restores) is an update no effective deleter had seen.
+//!   (or restores, or keeps the record as the survivor of a merge) is an
+//!   update no effective deleter had seen.
 //! - **flagged_field**: a field with policy `flag` shows two or more different
 //!   concurrent values.
 //! - **duplicate**: two or more live records of a collection hold one
@@ -231,6 +232,18 @@ pub fn tombstone_changes(r: &Record) -> Vec<ChangeHash> {
     v
 }
 
+/// The key under which an update-vs-delete side lists a merge that kept the
+/// record as its survivor (the value is the settled collision's id).
+pub const KEY_MERGE_SURVIVOR: &str = "_merge_survivor";
+
+/// True when `text` is a resolution entry of a merge into `id`.
+fn merge_keeps(text: &str, id: &RecordId) -> bool {
+    ResolutionEntry::parse(text).is_some_and(|e| {
+        e.resolution.action == "merge"
+            && e.resolution.detail.get("merge_into").and_then(Json::as_str) == Some(id.as_str())
+    })
+}
+
 /// Update vs delete on one record (see the module docs).
 pub fn detect_update_delete(schema: &Schema, r: &Record) -> Option<Collision> {
     let tombs = tombstone_changes(r);
@@ -246,22 +259,35 @@ pub fn detect_update_delete(schema: &Schema, r: &Record) -> Option<Collision> {
         let hash = c.hash();
         let ex = c.decode();
         for op in &ex.operations {
-            if op.obj != automerge::legacy::ObjectId::Root {
-                continue;
-            }
             let automerge::legacy::Key::Map(k) = &op.key else {
                 continue;
             };
-            let k = k.as_str();
-            if k.starts_with('_') && k != KEY_RESTORED {
-                continue;
-            }
-            let value = match &op.action {
-                automerge::legacy::OpType::Put(s) => match schema.field(&collection, k) {
-                    Ok(def) => FieldValue::from_scalar(&def.ty, s).to_json(),
-                    Err(_) => Json::String(s.to_string()),
-                },
-                _ => Json::Null,
+            let (k, value) = if op.obj != automerge::legacy::ObjectId::Root {
+                // A merge that kept this record as its survivor (an entry
+                // under `_resolutions`) is an update too: without it, two
+                // opposite merges, or a merge into a record deleted at the
+                // same time, would remove every holder unseen.
+                match &op.action {
+                    automerge::legacy::OpType::Put(automerge::ScalarValue::Str(text))
+                        if merge_keeps(text, &id) =>
+                    {
+                        (KEY_MERGE_SURVIVOR, Json::String(k.to_string()))
+                    }
+                    _ => continue,
+                }
+            } else {
+                let k = k.as_str();
+                if k.starts_with('_') && k != KEY_RESTORED {
+                    continue;
+                }
+                let value = match &op.action {
+                    automerge::legacy::OpType::Put(s) => match schema.field(&collection, k) {
+                        Ok(def) => FieldValue::from_scalar(&def.ty, s).to_json(),
+                        Err(_) => Json::String(s.to_string()),
+                    },
+                    _ => Json::Null,
+                };
+                (k, value)
             };
             let sv = side_value(r, value, &hash);
             let rank = (sv.at_ms, sv.change.clone());
@@ -432,12 +458,16 @@ pub fn unique_values(schema: &Schema, r: &Record, key: &UniqueKey) -> BTreeSet<S
     out
 }
 
-/// The id a duplicate collision over these holders has.
+/// The id a duplicate collision over these holders has. `writes` are the
+/// changes that gave the holders their claims (see [`detect_duplicate`]), so
+/// the same records clashing again on the same value through new writes
+/// after a resolution is a new collision, not the settled one.
 pub fn duplicate_id(
     collection: &str,
     key: &str,
     value: &str,
     holders: &BTreeSet<RecordId>,
+    writes: &[ChangeHash],
 ) -> CollisionId {
     let ids: Vec<u8> = holders
         .iter()
@@ -453,10 +483,14 @@ pub fn duplicate_id(
         key.as_bytes(),
         value.as_bytes(),
         &ids,
+        &hashes_hex(writes),
     ])
 }
 
-/// A duplicate over live `holders` (two or more) of `value` for `key`.
+/// A duplicate over live `holders` (two or more) of `value` for `key`. Its
+/// id covers the changes that wrote the claimed values and the visible
+/// restores of the holders: a holder that claims the value again by a new
+/// write or by being restored makes a new collision.
 pub fn detect_duplicate(
     schema: &Schema,
     collection: &str,
@@ -468,7 +502,27 @@ pub fn detect_duplicate(
     if ids.len() < 2 {
         return None;
     }
-    let cid = duplicate_id(collection, &key.name, value, &ids);
+    let mut writes: Vec<ChangeHash> = Vec::new();
+    for r in holders {
+        for f in &key.fields {
+            writes.extend(
+                r.field_values(schema, f)
+                    .into_iter()
+                    .filter(|(v, _)| {
+                        key.fields.len() > 1 || schema.normalize(collection, f, v) == value
+                    })
+                    .map(|(_, h)| h),
+            );
+        }
+        writes.extend(
+            r.doc()
+                .get_all(ROOT, KEY_RESTORED)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|(_, op)| r.doc().hash_for_opid(op)),
+        );
+    }
+    let cid = duplicate_id(collection, &key.name, value, &ids, &writes);
     let mut sides: Vec<Side> = holders
         .iter()
         .map(|r| {

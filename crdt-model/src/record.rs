@@ -500,6 +500,11 @@ impl Record {
         for name in edit.set.keys().chain(edit.unset.iter()) {
             schema.field(&collection, name)?;
         }
+        for name in &edit.unset {
+            if schema.field(&collection, name)?.required {
+                return Err(ModelError::MissingRequired(name.clone()));
+            }
+        }
         let token = token(&self.doc, ctx);
         let change = self.write(None, ctx, |tx, _| {
             tx.delete(ROOT, KEY_DELETED)?;

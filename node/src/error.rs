@@ -65,6 +65,10 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A peer broke the replication protocol (bad bytes, a cap exceeded, a
+    /// message out of turn); its session is closed.
+    #[error("protocol: {0}")]
+    Protocol(String),
     /// A file-system error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -84,6 +88,7 @@ impl Error {
             Error::Corrupt(_) => "CORRUPT_STORE".into(),
             Error::Storage(_) => "STORAGE_ERROR".into(),
             Error::RejectedChange { .. } => "REJECTED_CHANGE".into(),
+            Error::Protocol(_) => "PROTOCOL_ERROR".into(),
             Error::Io(_) => "IO_ERROR".into(),
         }
     }

@@ -7,6 +7,9 @@
 //!   reference indexes, the consolidated changes feed, collisions, pending
 //!   out-of-order changes — every applied change set one atomic, durable
 //!   batch. A bounded cache keeps the hot documents loaded.
+//! - [`sync`]: replication as a sans-I/O state machine (handshake, pull of
+//!   each peer's feed from a checkpoint, batched fetch of what differs, push
+//!   gossip), driven by the network runtime and by `entente-sim` alike.
 //! - [`clock`]: time and id minting come from outside, so the simulator can
 //!   drive the same code deterministically.
 //!
@@ -18,6 +21,7 @@
 pub mod clock;
 pub mod error;
 pub mod store;
+pub mod sync;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};

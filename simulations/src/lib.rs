@@ -8,6 +8,12 @@
 //!
 //! All randomness comes from the seed given to [`Replicas::new`]; a failed
 //! check names that seed.
+//!
+//! [`net`] is the network-partition simulator on top: the real sync engines
+//! of `entente-node` over these stores, a virtual clock and FIFO links that
+//! are cut and healed, named scenarios, and the same checks after healing.
+
+pub mod net;
 
 use std::collections::BTreeMap;
 use std::fmt;

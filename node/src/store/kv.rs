@@ -188,10 +188,13 @@ impl Kv for RocksKv {
     }
 }
 
+/// One column family in memory.
+type Table = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// Ordered maps in memory. `fail_writes` lets tests make the next write fail.
 #[derive(Debug, Default)]
 pub struct MemKv {
-    maps: Mutex<BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    maps: Mutex<BTreeMap<Cf, Table>>,
     fail_next_write: Mutex<bool>,
 }
 

@@ -662,10 +662,10 @@ impl Store {
             .unwrap_or((None, 0));
         let mut open = Vec::new();
         for cid in self.collision_ids_for(id)? {
-            if let Some(c) = self.collision(&cid)? {
-                if c.is_open() {
-                    open.push(cid);
-                }
+            if let Some(c) = self.collision(&cid)?
+                && c.is_open()
+            {
+                open.push(cid);
             }
         }
         Ok(RecordView {
@@ -747,6 +747,9 @@ impl Store {
         let mut out = Vec::new();
         let start = since.saturating_add(1).to_be_bytes();
         let mut raw = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
         self.kv.scan(Cf::Feed, b"", &start, &mut |k, v| {
             raw.push((k.to_vec(), v.to_vec()));
             raw.len() < limit
@@ -827,10 +830,10 @@ impl Store {
         };
         self.kv.scan(Cf::Records, b"", b"", &mut |_, v| {
             s.records += 1;
-            if let Ok(m) = serde_json::from_slice::<RecordMeta>(v) {
-                if !m.deleted {
-                    s.live_records += 1;
-                }
+            if let Ok(m) = serde_json::from_slice::<RecordMeta>(v)
+                && !m.deleted
+            {
+                s.live_records += 1;
             }
             true
         })?;
@@ -898,10 +901,10 @@ impl Store {
         };
         if let Some(r) = &filter.record {
             for cid in self.collision_ids_for(r)? {
-                if let Some(c) = self.collision(&cid)? {
-                    if keep(&c) {
-                        out.push(c);
-                    }
+                if let Some(c) = self.collision(&cid)?
+                    && keep(&c)
+                {
+                    out.push(c);
                 }
             }
             return Ok(out);
@@ -1364,14 +1367,24 @@ impl Store {
         };
         let mut rec = Record::from_doc(new_doc);
         rec.set_writer(self.node);
-        // The record must say it is the record it was sent as.
-        if let Some(doc_id) = rec.id() {
-            if &doc_id != id {
-                if !known {
-                    work.slots.remove(id);
-                }
-                return Err(reject(format!("changes belong to record {doc_id}")));
+        // The record must say it is the record it was sent as: every value of
+        // `_id`, not only the one winning a conflict (another record's
+        // creating change merged in would otherwise lose quietly and stay).
+        let foreign = rec
+            .doc()
+            .get_all(ROOT, entente_model::record::KEY_ID)
+            .unwrap_or_default()
+            .iter()
+            .find_map(|(v, _)| match v.as_str().map(RecordId::parse) {
+                Some(Ok(doc_id)) if &doc_id == id => None,
+                Some(Ok(doc_id)) => Some(doc_id.to_string()),
+                _ => Some(format!("{v}")),
+            });
+        if let Some(doc_id) = foreign {
+            if !known {
+                work.slots.remove(id);
             }
+            return Err(reject(format!("changes belong to record {doc_id}")));
         }
         let mut still_pending = 0;
         for k in &waiting {
@@ -1397,11 +1410,11 @@ impl Store {
             work.slots.remove(id);
             return Ok(());
         }
-        if let Some(c) = work.slots[id].rec.collection() {
-            if self.schema.collection(&c).is_err() {
-                work.slots.remove(id);
-                return Err(reject(format!("unknown collection `{c}`")));
-            }
+        if let Some(c) = work.slots[id].rec.collection()
+            && self.schema.collection(&c).is_err()
+        {
+            work.slots.remove(id);
+            return Err(reject(format!("unknown collection `{c}`")));
         }
         work.slots.get_mut(id).expect("present").dirty = changed;
         Ok(())
@@ -1615,10 +1628,10 @@ impl Store {
             // Records pointing at this one.
             for k in tx.keys_with_prefix(Cf::Refs, &id_prefix(id))? {
                 let rest = String::from_utf8_lossy(&k[id.as_str().len() + 1..]).into_owned();
-                if let Some((referrer, field)) = rest.split_once('\0') {
-                    if let Ok(r) = RecordId::parse(referrer) {
-                        subjects.insert(Subject::Dangling(r, field.to_string()));
-                    }
+                if let Some((referrer, field)) = rest.split_once('\0')
+                    && let Ok(r) = RecordId::parse(referrer)
+                {
+                    subjects.insert(Subject::Dangling(r, field.to_string()));
                 }
             }
             for (key, value) in meta
@@ -1757,12 +1770,16 @@ impl Store {
                     ..
                 }) = &existing
                 {
-                    if let Some(e) = entries.first().cloned() {
-                        entries.push(ResolutionEntry {
-                            collision: e.collision,
-                            resolution: r.clone(),
-                        });
-                    }
+                    // The resolution shown so far (perhaps from another
+                    // record's entries) competes together with the snapshot
+                    // it was shown with; pairing it with another entry's
+                    // snapshot made the result depend on arrival order.
+                    let mut shown = existing.clone().expect("matched above");
+                    shown.status = Status::Open;
+                    entries.push(ResolutionEntry {
+                        collision: shown,
+                        resolution: r.clone(),
+                    });
                 }
                 let Some(win) = ResolutionEntry::winner(entries) else {
                     continue;
@@ -1782,14 +1799,13 @@ impl Store {
                 .get(Cf::Subjects, &key)?
                 .map(|b| String::from_utf8_lossy(&b).into_owned());
             let new = self.evaluate(work, &tx, subject)?;
-            if let Some(old) = &old {
-                if new.as_ref().map(|c| c.id.as_str()) != Some(old.as_str()) {
-                    if let Some(b) = tx.get(Cf::Collisions, old.as_bytes())? {
-                        let c: Collision = parse("collision", &b)?;
-                        if c.is_open() {
-                            self.remove_collision(&mut tx, &c);
-                        }
-                    }
+            if let Some(old) = &old
+                && new.as_ref().map(|c| c.id.as_str()) != Some(old.as_str())
+                && let Some(b) = tx.get(Cf::Collisions, old.as_bytes())?
+            {
+                let c: Collision = parse("collision", &b)?;
+                if c.is_open() {
+                    self.remove_collision(&mut tx, &c);
                 }
             }
             match new {

@@ -1,0 +1,300 @@
+//! The replication messages and their encoding on the wire.
+//!
+//! A frame is one version byte ([`WIRE_VERSION`]) followed by the message in
+//! postcard (serde, varint-compact). Decoding refuses frames above
+//! [`MAX_MESSAGE_BYTES`], unknown versions, trailing bytes, and messages whose
+//! lists or strings exceed their caps ([`Message::validate`]). Record ids are
+//! parsed (and so validated) by their serde implementation; change hashes are
+//! fixed 32-byte arrays. Bad bytes give [`Error::Protocol`], never a panic.
+//! Change bytes stay opaque here: the store parses each one on its own, size
+//! capped and behind a panic guard, when it applies them.
+
+use automerge::ChangeHash;
+use entente_model::{NodeId, RecordId};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::store::MAX_CHANGE_BYTES;
+
+/// The version byte every frame starts with.
+pub const WIRE_VERSION: u8 = 1;
+/// The replication protocol version carried in the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted or produced (bytes).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Most feed entries in one pull response, and most ids in one push.
+pub const MAX_ENTRIES: usize = 4096;
+/// Most records asked for (or answered) in one fetch.
+pub const MAX_FETCH_ITEMS: usize = 4096;
+/// Most heads one record may have on the wire.
+pub const MAX_HEADS: usize = 256;
+/// Longest schema fingerprint or refusal reason (bytes).
+pub const MAX_TEXT_BYTES: usize = 1024;
+
+/// A record's heads as raw 32-byte hashes.
+pub type WireHeads = Vec<[u8; 32]>;
+
+/// One message between two sync engines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message of a session, sent by both sides.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the sender.
+        protocol_version: u32,
+        /// The sender's node id (keys the receiver's checkpoint for it).
+        node_id: NodeId,
+        /// The sender's schema fingerprint; nodes with different schemas
+        /// refuse to sync.
+        schema_fingerprint: String,
+    },
+    /// The handshake was refused; the sender closes the session.
+    HelloRefused {
+        /// Why, for both sides' logs.
+        reason: String,
+    },
+    /// "Your feed after `since`, at most `limit` entries."
+    PullRequest {
+        /// The requester's checkpoint in the responder's feed.
+        since: u64,
+        /// Most entries wanted.
+        limit: u32,
+    },
+    /// A page of the responder's consolidated feed.
+    PullResponse {
+        /// Record ids with their heads at the responder, in feed order.
+        entries: Vec<(RecordId, WireHeads)>,
+        /// Where the next page starts (the last sequence in this one, or the
+        /// request's `since` when empty).
+        next_since: u64,
+        /// Whether more entries follow `next_since`.
+        more: bool,
+    },
+    /// "The changes of these records that are not in the past of my heads."
+    FetchRequest {
+        /// Record ids with the requester's heads.
+        items: Vec<(RecordId, WireHeads)>,
+    },
+    /// Answers a fetch, in request order; may stop early to stay under the
+    /// size budget (the requester asks again for what is missing).
+    FetchResponse {
+        /// Record id, raw Automerge changes in dependency order, and whether
+        /// they are all of what the requester lacked (`false`: a prefix, the
+        /// requester asks again from its new heads).
+        items: Vec<(RecordId, Vec<Vec<u8>>, bool)>,
+    },
+    /// Gossip: these records changed here and now have these heads.
+    Push {
+        /// Record ids with the sender's heads.
+        entries: Vec<(RecordId, WireHeads)>,
+    },
+}
+
+impl Message {
+    /// A short name for traces and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::HelloRefused { .. } => "hello-refused",
+            Message::PullRequest { .. } => "pull-req",
+            Message::PullResponse { .. } => "pull-resp",
+            Message::FetchRequest { .. } => "fetch-req",
+            Message::FetchResponse { .. } => "fetch-resp",
+            Message::Push { .. } => "push",
+        }
+    }
+
+    /// Checks every cap (list lengths, text lengths, change sizes).
+    pub fn validate(&self) -> Result<()> {
+        fn text(what: &str, s: &str) -> Result<()> {
+            if s.len() > MAX_TEXT_BYTES {
+                return Err(proto(format!("{what} of {} bytes", s.len())));
+            }
+            Ok(())
+        }
+        fn heads_list(what: &str, list: &[(RecordId, WireHeads)], cap: usize) -> Result<()> {
+            if list.len() > cap {
+                return Err(proto(format!("{what} with {} entries", list.len())));
+            }
+            if let Some((id, h)) = list.iter().find(|(_, h)| h.len() > MAX_HEADS) {
+                return Err(proto(format!("{what}: {id} has {} heads", h.len())));
+            }
+            Ok(())
+        }
+        match self {
+            Message::Hello {
+                schema_fingerprint, ..
+            } => text("schema fingerprint", schema_fingerprint),
+            Message::HelloRefused { reason } => text("refusal reason", reason),
+            Message::PullRequest { .. } => Ok(()),
+            Message::PullResponse { entries, .. } => {
+                heads_list("pull response", entries, MAX_ENTRIES)
+            }
+            Message::FetchRequest { items } => heads_list("fetch request", items, MAX_FETCH_ITEMS),
+            Message::Push { entries } => heads_list("push", entries, MAX_ENTRIES),
+            Message::FetchResponse { items } => {
+                if items.len() > MAX_FETCH_ITEMS {
+                    return Err(proto(format!("fetch response with {} items", items.len())));
+                }
+                for (id, changes, _) in items {
+                    if let Some(c) = changes.iter().find(|c| c.len() > MAX_CHANGE_BYTES) {
+                        return Err(proto(format!("{id}: change of {} bytes", c.len())));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Encodes one frame. Fails (never panics) when the message breaks a cap.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        self.validate()?;
+        let mut out = vec![WIRE_VERSION];
+        postcard::to_io(self, &mut out).map_err(|e| proto(format!("encode: {e}")))?;
+        if out.len() > MAX_MESSAGE_BYTES {
+            return Err(proto(format!("message of {} bytes", out.len())));
+        }
+        Ok(out)
+    }
+
+    /// Decodes and validates one frame.
+    pub fn decode(bytes: &[u8]) -> Result<Message> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(proto(format!("frame of {} bytes", bytes.len())));
+        }
+        let (&version, body) = bytes.split_first().ok_or_else(|| proto("empty frame"))?;
+        if version != WIRE_VERSION {
+            return Err(proto(format!("wire version {version}")));
+        }
+        let (msg, rest): (Message, &[u8]) =
+            postcard::take_from_bytes(body).map_err(|e| proto(format!("decode: {e}")))?;
+        if !rest.is_empty() {
+            return Err(proto(format!("{} trailing bytes", rest.len())));
+        }
+        msg.validate()?;
+        Ok(msg)
+    }
+}
+
+/// Heads to their wire form.
+pub fn heads_to_wire(heads: &[ChangeHash]) -> WireHeads {
+    heads.iter().map(|h| h.0).collect()
+}
+
+/// Heads from their wire form.
+pub fn heads_from_wire(heads: &[[u8; 32]]) -> Vec<ChangeHash> {
+    heads.iter().map(|h| ChangeHash(*h)).collect()
+}
+
+fn proto(what: impl Into<String>) -> Error {
+    Error::Protocol(what.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> RecordId {
+        RecordId::new_v7(1_700_000_000_000, [n; 10])
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                node_id: NodeId([7; 16]),
+                schema_fingerprint: "abc".into(),
+            },
+            Message::HelloRefused {
+                reason: "schema".into(),
+            },
+            Message::PullRequest {
+                since: 42,
+                limit: 100,
+            },
+            Message::PullResponse {
+                entries: vec![(id(1), vec![[1; 32], [2; 32]]), (id(2), vec![])],
+                next_since: 9,
+                more: true,
+            },
+            Message::FetchRequest {
+                items: vec![(id(3), vec![[3; 32]])],
+            },
+            Message::FetchResponse {
+                items: vec![(id(4), vec![vec![1, 2, 3], vec![]], false)],
+            },
+            Message::Push {
+                entries: vec![(id(5), vec![[5; 32]])],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            let bytes = m.encode().unwrap();
+            assert_eq!(bytes[0], WIRE_VERSION);
+            assert_eq!(Message::decode(&bytes).unwrap(), m, "{}", m.kind());
+        }
+    }
+
+    #[test]
+    fn truncated_mutated_and_foreign_frames_are_errors_not_panics() {
+        assert!(Message::decode(&[]).is_err());
+        assert!(Message::decode(&[WIRE_VERSION + 1, 0]).is_err());
+        let mut rng = 0x1234_5678_9abc_def0u64;
+        let mut decoded = 0;
+        for m in samples() {
+            let bytes = m.encode().unwrap();
+            for cut in 1..bytes.len() {
+                assert!(
+                    Message::decode(&bytes[..cut]).is_err(),
+                    "{} cut {cut}",
+                    m.kind()
+                );
+            }
+            let mut extra = bytes.clone();
+            extra.push(0);
+            assert!(Message::decode(&extra).is_err());
+            for _ in 0..500 {
+                let mut b = bytes.clone();
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let i = 1 + (rng as usize) % (b.len() - 1);
+                b[i] = (rng >> 32) as u8;
+                // Must not panic; whatever decodes must pass validation.
+                if let Ok(m) = Message::decode(&b) {
+                    m.validate().unwrap();
+                    decoded += 1;
+                }
+            }
+        }
+        assert!(
+            decoded > 0,
+            "some mutations still decode (e.g. changed bytes)"
+        );
+    }
+
+    #[test]
+    fn bad_record_ids_and_oversized_lists_are_refused() {
+        // A record id that is not a UUID/ULID fails in serde's try_from.
+        let mut bytes = vec![WIRE_VERSION];
+        bytes.extend(
+            postcard::to_stdvec(&(6u8, vec![("not-an-id".to_string(), Vec::<[u8; 32]>::new())]))
+                .unwrap(),
+        );
+        assert!(Message::decode(&bytes).is_err());
+        let big = Message::Push {
+            entries: (0..=MAX_ENTRIES).map(|_| (id(1), vec![])).collect(),
+        };
+        assert!(matches!(big.encode(), Err(Error::Protocol(_))));
+        // A length prefix claiming 2^32 entries is an error, not an allocation.
+        let mut huge = vec![WIRE_VERSION, 6];
+        huge.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(Message::decode(&huge).is_err());
+        let long = Message::HelloRefused {
+            reason: "x".repeat(MAX_TEXT_BYTES + 1),
+        };
+        assert!(long.encode().is_err());
+    }
+}

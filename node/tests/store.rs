@@ -1,0 +1,1445 @@
+//! Integration tests of the store: persistence across reopen, atomic batches,
+//! the consolidated feed, the unique index, validation, edits based on older
+//! heads, remote changes (out of order, pending, malformed), compaction, and
+//! a property test that any sequence of operations survives a reopen.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use entente_model::{Collision, CollisionKind, ModelError, NodeId, RecordId, Schema, Status};
+use entente_node::store::{Cf, MemKv};
+use entente_node::{
+    ApplyReport, CollisionFilter, Error, FeedEntry, ManualClock, NewRecord, RecordView, Store,
+    StoreOptions, StoreStats,
+};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+fn schema() -> Arc<Schema> {
+    Arc::new(Schema::default_crm())
+}
+
+fn nid(b: u8) -> NodeId {
+    NodeId([b; 16])
+}
+
+fn clock(seed: u64) -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(1_700_000_000_000, seed))
+}
+
+fn fast() -> StoreOptions {
+    StoreOptions {
+        sync: false,
+        ..Default::default()
+    }
+}
+
+fn f(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn rid(n: u32) -> RecordId {
+    RecordId::parse(&format!("0190a000-0000-7000-8000-{n:012}")).expect("valid id")
+}
+
+fn open(path: &Path, node: NodeId, clock: &Arc<ManualClock>, opts: StoreOptions) -> Store {
+    Store::open(path, schema(), node, clock.clone(), opts).expect("store opens")
+}
+
+fn mem(node: NodeId, clock: &Arc<ManualClock>) -> (Arc<MemKv>, Store) {
+    let kv = Arc::new(MemKv::new());
+    let store =
+        Store::with_kv(kv.clone(), schema(), node, clock.clone(), fast()).expect("store opens");
+    (kv, store)
+}
+
+fn create(store: &mut Store, collection: &str, fields: Value) -> RecordId {
+    store
+        .create(collection, None, &f(fields), false)
+        .expect("create accepted")
+        .record
+        .id
+}
+
+fn view(store: &mut Store, id: &RecordId) -> RecordView {
+    store.get(id).expect("get").expect("record exists")
+}
+
+fn all_collisions(store: &Store) -> Vec<Collision> {
+    store
+        .collisions(&CollisionFilter {
+            include_resolved: true,
+            ..Default::default()
+        })
+        .expect("collisions")
+}
+
+/// Everything a user can observe about a store.
+#[derive(Debug, Clone, PartialEq)]
+struct State {
+    node: NodeId,
+    feed_seq: u64,
+    records: Vec<RecordView>,
+    feed: Vec<FeedEntry>,
+    stats: StoreStats,
+    collisions: Vec<Collision>,
+}
+
+fn state(store: &mut Store) -> State {
+    let mut records = Vec::new();
+    let names: Vec<String> = store.schema().collections().keys().cloned().collect();
+    for c in names {
+        let mut after: Option<RecordId> = None;
+        loop {
+            let page = store.list(&c, after.as_ref(), 7, true).expect("list");
+            records.extend(page.records);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+    }
+    State {
+        node: store.node_id(),
+        feed_seq: store.feed_seq(),
+        feed: store.changes_since(0, usize::MAX).expect("feed"),
+        stats: store.stats().expect("stats"),
+        collisions: all_collisions(store),
+        records,
+    }
+}
+
+/// Consistency every store state must have: one feed entry per record, at the
+/// record's sequence and heads; counts that match the records.
+fn check_invariants(s: &State) {
+    assert_eq!(s.feed.len(), s.records.len(), "one feed entry per record");
+    assert_eq!(s.stats.records, s.records.len() as u64);
+    assert_eq!(
+        s.stats.live_records,
+        s.records.iter().filter(|r| !r.deleted).count() as u64
+    );
+    assert_eq!(s.stats.feed_seq, s.feed_seq);
+    let mut last = 0;
+    for e in &s.feed {
+        assert!(e.seq > last, "feed strictly ordered");
+        assert!(e.seq <= s.feed_seq, "feed entry beyond the sequence");
+        last = e.seq;
+        let r = s
+            .records
+            .iter()
+            .find(|r| r.id == e.id)
+            .expect("feed names a record");
+        assert_eq!(r.seq, e.seq);
+        assert_eq!(r.heads, e.heads);
+        assert_eq!(r.deleted, e.deleted);
+        assert_eq!(r.collection, e.collection);
+    }
+    let open = s.collisions.iter().filter(|c| c.is_open()).count() as u64;
+    assert_eq!(s.stats.open_collisions.values().sum::<u64>(), open);
+    assert_eq!(
+        s.stats.resolved_collisions,
+        s.collisions.len() as u64 - open
+    );
+    for r in &s.records {
+        let mut expected: Vec<_> = s
+            .collisions
+            .iter()
+            .filter(|c| c.is_open() && c.records.contains(&r.id))
+            .map(|c| c.id.clone())
+            .collect();
+        expected.sort();
+        let mut got = r.open_collisions.clone();
+        got.sort();
+        assert_eq!(got, expected, "open collisions of {}", r.id);
+    }
+}
+
+fn one(name: impl Into<String>, v: Value) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(name.into(), v);
+    m
+}
+
+fn code(e: &Error) -> String {
+    e.code()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Round trip across close and reopen.
+
+#[test]
+fn round_trip_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let ck = clock(1);
+    let mut store = open(&path, nid(1), &ck, fast());
+
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ck.advance(10);
+        ids.push(create(
+            &mut store,
+            "contacts",
+            json!({"first_name": format!("Person {i}"), "email": format!("p{i}@example.org"),
+                   "city": "Berlin", "credit_limit": "100.50", "do_not_email": i % 2 == 0,
+                   "birth_date": "1980-01-02"}),
+        ));
+    }
+    let addr = create(
+        &mut store,
+        "addresses",
+        json!({"contact_id": ids[0].as_str(), "city": "Bonn"}),
+    );
+    ck.advance(10);
+    store
+        .update(
+            &ids[1],
+            &f(json!({"city": "Hamburg", "phone": "+49 1", "first_name": null})),
+            None,
+            false,
+        )
+        .unwrap();
+    store
+        .update(&ids[2], &f(json!({"notes": "likes tea"})), None, false)
+        .unwrap();
+    ck.advance(10);
+    store.delete(&ids[3]).unwrap();
+    store.delete(&ids[4]).unwrap();
+    ck.advance(10);
+    store
+        .restore(&ids[4], &f(json!({"city": "Köln"})), false)
+        .unwrap();
+    // A forced duplicate leaves a resolved collision to carry over too.
+    store
+        .create(
+            "contacts",
+            None,
+            &f(json!({"email": "P0@Example.org"})),
+            true,
+        )
+        .unwrap();
+
+    let before = state(&mut store);
+    check_invariants(&before);
+    assert_eq!(before.records.len(), 8);
+    assert_eq!(before.stats.live_records, 7);
+    assert_eq!(before.stats.resolved_collisions, 1);
+    assert!(view(&mut store, &ids[3]).deleted);
+    assert!(!view(&mut store, &ids[4]).deleted);
+    assert_eq!(view(&mut store, &ids[4]).fields["city"], json!("Köln"));
+    assert!(!view(&mut store, &ids[1]).fields.contains_key("first_name"));
+    let seq = store.feed_seq();
+    assert!(seq > 0);
+    drop(store);
+
+    // Reopened with another node id: the data dir keeps its identity.
+    let mut store = open(&path, nid(7), &ck, fast());
+    assert_eq!(store.node_id(), nid(1));
+    assert_eq!(store.feed_seq(), seq);
+    let after = state(&mut store);
+    assert_eq!(after, before);
+    assert_eq!(
+        view(&mut store, &addr).fields["contact_id"],
+        json!(ids[0].as_str())
+    );
+
+    // The sequence continues where it was.
+    ck.advance(10);
+    let w = store
+        .update(&ids[0], &f(json!({"city": "Munich"})), None, false)
+        .unwrap();
+    assert_eq!(w.record.seq, seq + 1);
+    assert_eq!(store.feed_seq(), seq + 1);
+    // A write after reopen is made by the data dir's node.
+    assert_eq!(w.record.updated_by, Some(nid(1)));
+    let st = state(&mut store);
+    check_invariants(&st);
+    drop(store);
+
+    // Another schema is refused.
+    let other = Arc::new(
+        Schema::from_toml("[collections.things]\nfields.name = { type = \"string\" }\n").unwrap(),
+    );
+    let err = Store::open(&path, other, nid(1), ck.clone(), fast()).unwrap_err();
+    assert!(matches!(err, Error::SchemaMismatch { .. }), "got {err:?}");
+    assert_eq!(code(&err), "SCHEMA_MISMATCH");
+
+    // The refused open changed nothing.
+    let mut store = open(&path, nid(1), &ck, fast());
+    assert_eq!(state(&mut store), st);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Atomicity.
+
+#[test]
+fn failed_write_leaves_nothing() {
+    let ck = clock(2);
+    let (kv, mut store) = mem(nid(1), &ck);
+    let first = create(&mut store, "contacts", json!({"email": "first@x.org"}));
+    let before = state(&mut store);
+    let seq = store.feed_seq();
+
+    let batch = vec![
+        NewRecord {
+            collection: "contacts".into(),
+            id: Some(rid(1)),
+            fields: f(json!({"email": "new@x.org", "member_key": "M-1"})),
+            force: false,
+        },
+        NewRecord {
+            collection: "contacts".into(),
+            id: Some(rid(2)),
+            fields: f(json!({"user_name": "bob"})),
+            force: false,
+        },
+        NewRecord {
+            collection: "phones".into(),
+            id: Some(rid(3)),
+            fields: f(json!({"contact_id": rid(1).as_str(), "number": "123"})),
+            force: false,
+        },
+    ];
+    kv.fail_next_write();
+    let err = store.create_many(batch.clone()).unwrap_err();
+    assert!(matches!(err, Error::Storage(_)), "got {err:?}");
+    assert_eq!(store.feed_seq(), seq);
+    for i in 1..=3 {
+        assert!(store.get(&rid(i)).unwrap().is_none());
+    }
+    assert_eq!(state(&mut store), before);
+
+    // Nothing of the failed batch lingers: the same batch is accepted now,
+    // numbered right after what was there.
+    let out = store.create_many(batch).unwrap();
+    assert_eq!(out.len(), 3);
+    assert_eq!(
+        out.iter().map(|w| w.record.seq).collect::<Vec<_>>(),
+        vec![seq + 1, seq + 2, seq + 3]
+    );
+    check_invariants(&state(&mut store));
+
+    // A failed update, delete and restore leave the record as it was (also
+    // in the cache).
+    let before = state(&mut store);
+    kv.fail_next_write();
+    assert!(
+        store
+            .update(&first, &f(json!({"city": "Rome"})), None, false)
+            .is_err()
+    );
+    kv.fail_next_write();
+    assert!(store.delete(&first).is_err());
+    assert_eq!(state(&mut store), before);
+    store.clear_cache();
+    assert_eq!(state(&mut store), before);
+    store.delete(&first).unwrap();
+    let before = state(&mut store);
+    kv.fail_next_write();
+    assert!(store.restore(&first, &f(json!({})), false).is_err());
+    assert_eq!(state(&mut store), before);
+    assert!(view(&mut store, &first).deleted);
+    // And the failed restore did not claim the e-mail.
+    create(&mut store, "contacts", json!({"email": "first@x.org"}));
+}
+
+#[test]
+fn refused_batch_writes_none() {
+    let ck = clock(3);
+    let (_kv, mut store) = mem(nid(1), &ck);
+    create(&mut store, "contacts", json!({"email": "holder@x.org"}));
+    let before = state(&mut store);
+
+    let item = |n: u32, fields: Value| NewRecord {
+        collection: "contacts".into(),
+        id: Some(rid(n)),
+        fields: f(fields),
+        force: false,
+    };
+    let good = || {
+        vec![
+            item(1, json!({"email": "one@x.org"})),
+            item(2, json!({"email": "two@x.org", "member_key": "K2"})),
+            item(4, json!({"email": "four@x.org"})),
+            item(5, json!({"user_name": "five"})),
+        ]
+    };
+    let with_third = |third: NewRecord| {
+        let mut b = good();
+        b.insert(2, third);
+        b
+    };
+
+    let refusals = [
+        // Duplicate of an item earlier in the same batch (normalized).
+        (item(3, json!({"email": "  ONE@x.org "})), "DUPLICATE_EMAIL"),
+        // Duplicate of a stored record.
+        (item(3, json!({"email": "Holder@X.org"})), "DUPLICATE_EMAIL"),
+        (item(3, json!({"member_key": "K2"})), "DUPLICATE_MEMBER_KEY"),
+        (item(3, json!({"nickname": "x"})), "UNKNOWN_FIELD"),
+        (item(3, json!({"do_not_email": "yes"})), "WRONG_TYPE"),
+        // The same id twice.
+        (item(1, json!({"city": "x"})), "ALREADY_EXISTS"),
+    ];
+    for (third, expected) in refusals {
+        let err = store.create_many(with_third(third)).unwrap_err();
+        assert_eq!(code(&err), expected, "{err}");
+        for n in 1..=5 {
+            assert!(
+                store.get(&rid(n)).unwrap().is_none(),
+                "record {n} written by a refused batch"
+            );
+        }
+        assert_eq!(state(&mut store), before);
+    }
+    // Nothing was claimed: the four good ones land.
+    let out = store.create_many(good()).unwrap();
+    assert_eq!(out.len(), 4);
+    let s = state(&mut store);
+    check_invariants(&s);
+    assert_eq!(s.stats.records, 5);
+}
+
+// ---------------------------------------------------------------------------
+// 3. The consolidated feed.
+
+#[test]
+fn feed_is_consolidated_and_scans_ranges() {
+    let ck = clock(4);
+    let (_kv, mut store) = mem(nid(1), &ck);
+    let a = create(&mut store, "contacts", json!({"first_name": "A"}));
+    let b = create(&mut store, "contacts", json!({"first_name": "B"}));
+    for i in 0..50 {
+        ck.advance(1);
+        store
+            .update(&a, &f(json!({"city": format!("c{i}")})), None, false)
+            .unwrap();
+    }
+    let feed = store.changes_since(0, 1000).unwrap();
+    assert_eq!(feed.len(), 2, "{feed:?}");
+    assert_eq!(feed[0].id, b);
+    assert_eq!(feed[0].seq, 2);
+    assert_eq!(feed[1].id, a);
+    assert_eq!(feed[1].seq, 52);
+    assert_eq!(store.feed_seq(), 52);
+    assert_eq!(feed[1].heads, view(&mut store, &a).heads);
+    assert!(!feed[1].deleted);
+
+    // A delete moves the record to the end, flagged deleted.
+    store.delete(&b).unwrap();
+    let feed = store.changes_since(0, 1000).unwrap();
+    assert_eq!(
+        feed.iter()
+            .map(|e| (&e.id, e.seq, e.deleted))
+            .collect::<Vec<_>>(),
+        vec![(&a, 52, false), (&b, 53, true)]
+    );
+
+    // Range scans over many records.
+    let mut ids = vec![a.clone(), b.clone()];
+    for i in 0..10 {
+        ids.push(create(
+            &mut store,
+            "contacts",
+            json!({"first_name": format!("n{i}")}),
+        ));
+    }
+    let all = store.changes_since(0, 1000).unwrap();
+    assert_eq!(all.len(), 12);
+    for n in [0, 1, 52, 53, 55, 63, 64, 1000] {
+        let after = store.changes_since(n, 1000).unwrap();
+        let expected: Vec<FeedEntry> = all.iter().filter(|e| e.seq > n).cloned().collect();
+        assert_eq!(after, expected, "since {n}");
+    }
+    assert_eq!(store.changes_since(53, 3).unwrap(), all[2..5].to_vec());
+    assert_eq!(store.changes_since(0, 1).unwrap(), all[..1].to_vec());
+    assert!(
+        store.changes_since(0, 0).unwrap().is_empty(),
+        "limit 0 returns nothing"
+    );
+    assert!(
+        store
+            .changes_since(store.feed_seq(), 10)
+            .unwrap()
+            .is_empty()
+    );
+
+    // Paging through with the last seen sequence sees every record once.
+    let mut since = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = store.changes_since(since, 5).unwrap();
+        assert!(page.len() <= 5);
+        let Some(last) = page.last() else { break };
+        since = last.seq;
+        seen.extend(page.into_iter().map(|e| e.id));
+    }
+    assert_eq!(seen, all.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
+    let mut sorted = seen.clone();
+    sorted.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(sorted, expected);
+}
+
+// ---------------------------------------------------------------------------
+// 4. The unique index.
+
+fn expect_duplicate(err: Error, want_code: &str, want_existing: &RecordId) {
+    match err {
+        Error::Duplicate { code, existing, .. } => {
+            assert_eq!(code, want_code);
+            assert_eq!(&existing, want_existing);
+        }
+        other => panic!("expected {want_code}, got {other:?}"),
+    }
+}
+
+#[test]
+fn unique_values_are_enforced() {
+    let ck = clock(5);
+    let (_kv, mut store) = mem(nid(1), &ck);
+    let c1 = create(
+        &mut store,
+        "contacts",
+        json!({"email": "Ann@Example.com", "member_key": "M-1", "user_name": "ann"}),
+    );
+    let before = state(&mut store);
+
+    let tries = [
+        (json!({"email": "  ann@example.COM "}), "DUPLICATE_EMAIL"),
+        (json!({"member_key": " M-1 "}), "DUPLICATE_MEMBER_KEY"),
+        (json!({"user_name": "ann"}), "DUPLICATE_USER_NAME"),
+    ];
+    for (fields, want) in &tries {
+        let err = store
+            .create("contacts", None, &f(fields.clone()), false)
+            .unwrap_err();
+        expect_duplicate(err, want, &c1);
+        assert_eq!(state(&mut store), before);
+    }
+    // Values that differ after normalization are not duplicates.
+    let c2 = create(
+        &mut store,
+        "contacts",
+        json!({"email": "ann@example.org", "member_key": "m-1", "user_name": "Ann"}),
+    );
+
+    // An update that would take a held value is refused too, and changes nothing.
+    let before = state(&mut store);
+    let err = store
+        .update(&c2, &f(json!({"email": "ANN@example.com"})), None, false)
+        .unwrap_err();
+    expect_duplicate(err, "DUPLICATE_EMAIL", &c1);
+    assert_eq!(state(&mut store), before);
+    // Re-writing the value a record holds itself is not a duplicate.
+    store
+        .update(&c1, &f(json!({"email": "ann@example.com"})), None, false)
+        .unwrap();
+
+    // Deleted records hold no value.
+    store.delete(&c1).unwrap();
+    let c3 = create(&mut store, "contacts", json!({"email": " ANN@example.com"}));
+    // Restoring the deleted holder would duplicate: refused, nothing changes.
+    let before = state(&mut store);
+    let err = store.restore(&c1, &f(json!({})), false).unwrap_err();
+    expect_duplicate(err, "DUPLICATE_EMAIL", &c3);
+    assert_eq!(state(&mut store), before);
+    assert!(view(&mut store, &c1).deleted);
+    // Restoring while changing the value is fine.
+    let c1v = store
+        .restore(&c1, &f(json!({"email": "ann2@example.com"})), false)
+        .unwrap();
+    assert!(!c1v.record.deleted);
+    store.delete(&c1).unwrap();
+    let err = store
+        .restore(&c1, &f(json!({"email": "ann@example.com"})), false)
+        .unwrap_err();
+    expect_duplicate(err, "DUPLICATE_EMAIL", &c3);
+
+    // Forced: accepted, the duplicate is on record and resolved as "force".
+    assert!(all_collisions(&store).is_empty());
+    let c4 = store
+        .create(
+            "contacts",
+            None,
+            &f(json!({"email": "ann@EXAMPLE.com"})),
+            true,
+        )
+        .unwrap()
+        .record
+        .id;
+    let collisions = all_collisions(&store);
+    assert_eq!(collisions.len(), 1, "{collisions:#?}");
+    let c = &collisions[0];
+    assert_eq!(c.kind, CollisionKind::Duplicate);
+    assert_eq!(c.field.as_deref(), Some("email"));
+    assert_eq!(c.value.as_deref(), Some("ann@example.com"));
+    let mut holders = vec![c3.clone(), c4.clone()];
+    holders.sort();
+    assert_eq!(c.records, holders);
+    match &c.status {
+        Status::Resolved(r) => {
+            assert_eq!(r.action, "force");
+            assert_eq!(r.by, nid(1));
+        }
+        Status::Open => panic!("a forced duplicate is resolved"),
+    }
+    assert!(
+        store
+            .collisions(&CollisionFilter::default())
+            .unwrap()
+            .is_empty()
+    );
+    let by_record = store
+        .collisions(&CollisionFilter {
+            include_resolved: true,
+            record: Some(c4.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(by_record, collisions);
+    assert!(view(&mut store, &c4).open_collisions.is_empty());
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.resolved_collisions, 1);
+    assert!(stats.open_collisions.values().all(|n| *n == 0));
+
+    // A forced restore likewise.
+    store
+        .restore(&c1, &f(json!({"email": "ann@example.com"})), true)
+        .unwrap();
+    let dup: Vec<Collision> = all_collisions(&store)
+        .into_iter()
+        .filter(|c| c.records.contains(&c1))
+        .collect();
+    assert_eq!(dup.len(), 1);
+    assert!(matches!(&dup[0].status, Status::Resolved(r) if r.action == "force"));
+    check_invariants(&state(&mut store));
+
+    // Composite unique group on phones: (contact_id, number).
+    let p = create(
+        &mut store,
+        "phones",
+        json!({"contact_id": c2.as_str(), "number": "555"}),
+    );
+    let err = store
+        .create(
+            "phones",
+            None,
+            &f(json!({"contact_id": c2.as_str(), "number": " 555 "})),
+            false,
+        )
+        .unwrap_err();
+    expect_duplicate(err, "DUPLICATE_CONTACT_NUMBER", &p);
+    create(
+        &mut store,
+        "phones",
+        json!({"contact_id": c3.as_str(), "number": "555"}),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 5. Validation.
+
+#[test]
+fn invalid_writes_are_refused_with_codes() {
+    let ck = clock(6);
+    let (_kv, mut store) = mem(nid(1), &ck);
+    let c = create(&mut store, "contacts", json!({"email": "c@x.org"}));
+    let gone = create(&mut store, "contacts", json!({"email": "gone@x.org"}));
+    store.delete(&gone).unwrap();
+    let phone = create(
+        &mut store,
+        "phones",
+        json!({"contact_id": c.as_str(), "number": "1"}),
+    );
+    let before = state(&mut store);
+
+    let creates = [
+        ("widgets", json!({"name": "x"}), "UNKNOWN_COLLECTION"),
+        ("widgets", json!({}), "UNKNOWN_COLLECTION"),
+        ("contacts", json!({"nickname": "x"}), "UNKNOWN_FIELD"),
+        ("contacts", json!({"_deleted": "x"}), "UNKNOWN_FIELD"),
+        ("contacts", json!({"do_not_email": "yes"}), "WRONG_TYPE"),
+        ("contacts", json!({"birth_date": "yesterday"}), "WRONG_TYPE"),
+        ("contacts", json!({"credit_limit": "lots"}), "WRONG_TYPE"),
+        ("contacts", json!({"first_name": 5}), "WRONG_TYPE"),
+        (
+            "tags",
+            json!({"name": "t", "weight": "heavy"}),
+            "WRONG_TYPE",
+        ),
+        (
+            "phones",
+            json!({"contact_id": "not an id", "number": "1"}),
+            "WRONG_TYPE",
+        ),
+        (
+            "phones",
+            json!({"contact_id": c.as_str()}),
+            "MISSING_REQUIRED_FIELD",
+        ),
+        ("phones", json!({"number": "1"}), "MISSING_REQUIRED_FIELD"),
+        (
+            "phones",
+            json!({"contact_id": rid(99).as_str(), "number": "1"}),
+            "BAD_REFERENCE",
+        ),
+        (
+            "phones",
+            json!({"contact_id": gone.as_str(), "number": "1"}),
+            "BAD_REFERENCE",
+        ),
+        // A reference into the wrong collection.
+        (
+            "phones",
+            json!({"contact_id": phone.as_str(), "number": "2"}),
+            "BAD_REFERENCE",
+        ),
+    ];
+    for (collection, fields, want) in creates {
+        let err = store
+            .create(collection, None, &f(fields.clone()), false)
+            .unwrap_err();
+        assert_eq!(code(&err), want, "{collection} {fields}: {err}");
+        assert_eq!(
+            state(&mut store),
+            before,
+            "{collection} {fields} wrote something"
+        );
+    }
+    let err = store
+        .create("widgets", None, &f(json!({})), false)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Model(ModelError::UnknownCollection(_))
+    ));
+    let err = store.create(
+        "phones",
+        None,
+        &f(json!({"contact_id": rid(99).as_str(), "number": "1"})),
+        false,
+    );
+    assert!(matches!(err, Err(Error::BadReference { .. })));
+
+    let updates = [
+        (&c, json!({"nickname": "x"}), "UNKNOWN_FIELD"),
+        (&c, json!({"do_not_email": 1}), "WRONG_TYPE"),
+        (&phone, json!({"number": null}), "MISSING_REQUIRED_FIELD"),
+        (
+            &phone,
+            json!({"contact_id": gone.as_str()}),
+            "BAD_REFERENCE",
+        ),
+        (
+            &phone,
+            json!({"contact_id": rid(99).as_str()}),
+            "BAD_REFERENCE",
+        ),
+        (&gone, json!({"city": "x"}), "RECORD_DELETED"),
+    ];
+    for (id, fields, want) in updates {
+        let err = store
+            .update(id, &f(fields.clone()), None, false)
+            .unwrap_err();
+        assert_eq!(code(&err), want, "{fields}: {err}");
+        assert_eq!(state(&mut store), before, "update {fields} wrote something");
+    }
+    let err = store
+        .update(
+            &c,
+            &f(json!({"city": "x"})),
+            Some(&["zz".to_string()]),
+            false,
+        )
+        .unwrap_err();
+    assert_eq!(code(&err), "INVALID_HEADS");
+    let unknown = "00".repeat(32);
+    let err = store
+        .update(&c, &f(json!({"city": "x"})), Some(&[unknown]), false)
+        .unwrap_err();
+    assert_eq!(code(&err), "INVALID_HEADS");
+    assert_eq!(
+        code(
+            &store
+                .update(&rid(99), &f(json!({})), None, false)
+                .unwrap_err()
+        ),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        code(&store.restore(&c, &f(json!({})), false).unwrap_err()),
+        "RECORD_NOT_DELETED"
+    );
+    assert_eq!(state(&mut store), before);
+
+    // A restore validates its fields like an update.
+    store.delete(&phone).unwrap();
+    let before = state(&mut store);
+    let restores = [
+        (json!({"nickname": "x"}), "UNKNOWN_FIELD"),
+        (json!({"number": 7}), "WRONG_TYPE"),
+        (json!({"number": null}), "MISSING_REQUIRED_FIELD"),
+        (json!({"contact_id": gone.as_str()}), "BAD_REFERENCE"),
+    ];
+    for (fields, want) in restores {
+        let err = store
+            .restore(&phone, &f(fields.clone()), false)
+            .unwrap_err();
+        assert_eq!(code(&err), want, "restore {fields}: {err}");
+        assert_eq!(
+            state(&mut store),
+            before,
+            "restore {fields} wrote something"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 6. Edits based on older heads.
+
+#[test]
+fn edits_based_on_older_heads_merge_field_by_field() {
+    let ck = clock(7);
+    let (_kv, mut store) = mem(nid(1), &ck);
+    let id = create(
+        &mut store,
+        "contacts",
+        json!({"city": "Paris", "phone": "1", "first_name": "Ann"}),
+    );
+    let h = view(&mut store, &id).heads;
+
+    ck.advance(1000);
+    store
+        .update(&id, &f(json!({"city": "Lyon"})), None, false)
+        .unwrap();
+
+    // Another field, based on H: both edits kept, nothing concurrent.
+    ck.advance(1000);
+    let w = store
+        .update(&id, &f(json!({"phone": "2"})), Some(&h), false)
+        .unwrap();
+    assert!(w.concurrent.is_empty(), "{:?}", w.concurrent);
+    assert_eq!(w.record.fields["city"], json!("Lyon"));
+    assert_eq!(w.record.fields["phone"], json!("2"));
+    assert_eq!(w.record.fields["first_name"], json!("Ann"));
+    assert!(w.change.is_some());
+
+    // The same field, based on H: reported with existing vs new value.
+    ck.advance(1000);
+    let w = store
+        .update(
+            &id,
+            &f(json!({"city": "Nice", "first_name": "Anne"})),
+            Some(&h),
+            false,
+        )
+        .unwrap();
+    assert_eq!(w.concurrent.len(), 1, "{:?}", w.concurrent);
+    let cf = &w.concurrent[0];
+    assert_eq!(cf.field, "city");
+    assert_eq!(cf.base_value, Some(json!("Paris")));
+    assert_eq!(cf.existing_value, Some(json!("Lyon")));
+    assert_eq!(cf.new_value, Some(json!("Nice")));
+    assert_eq!(w.record.fields["city"], json!("Nice"));
+    assert_eq!(w.record.fields["first_name"], json!("Anne"));
+    assert_eq!(w.record.fields["phone"], json!("2"));
+    // Both edits based on H are concurrent with the later one: three heads.
+    assert_eq!(w.record.heads.len(), 3, "{:?}", w.record.heads);
+    assert_eq!(view(&mut store, &id), w.record);
+
+    // Unsetting a concurrently changed field reports it too.
+    let h2 = w.record.heads.clone();
+    store
+        .update(&id, &f(json!({"phone": "3"})), None, false)
+        .unwrap();
+    let w = store
+        .update(&id, &f(json!({"phone": null})), Some(&h2), false)
+        .unwrap();
+    assert_eq!(w.concurrent.len(), 1);
+    assert_eq!(w.concurrent[0].existing_value, Some(json!("3")));
+    assert_eq!(w.concurrent[0].new_value, None);
+    // An unset made as of an older version removes only what that version
+    // showed: the concurrent value survives (Automerge: put beats delete).
+    assert_eq!(w.record.fields["phone"], json!("3"));
+
+    // Based on the current heads: nothing concurrent.
+    let cur = w.record.heads.clone();
+    let w = store
+        .update(&id, &f(json!({"city": "Metz"})), Some(&cur), false)
+        .unwrap();
+    assert!(w.concurrent.is_empty());
+
+    // It all survives a reload from storage.
+    let before = state(&mut store);
+    store.clear_cache();
+    assert_eq!(state(&mut store), before);
+    check_invariants(&before);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Remote changes, pending, malformed input.
+
+#[test]
+fn remote_changes_out_of_order_with_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b");
+    let ca = clock(8);
+    let (_akv, mut a) = mem(nid(1), &ca);
+    let id = create(
+        &mut a,
+        "contacts",
+        json!({"first_name": "Ann", "email": "ann@x.org"}),
+    );
+    for (i, fields) in [
+        json!({"city": "Paris"}),
+        json!({"phone": "12"}),
+        json!({"city": "Lyon", "first_name": null}),
+        json!({"bank_account": "DE00"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ca.advance(100 + i as i64);
+        a.update(&id, &f(fields), None, false).unwrap();
+    }
+    let changes = a.changes_for(&id, &[]).unwrap();
+    assert_eq!(changes.len(), 5);
+    let av = view(&mut a, &id);
+
+    let cb = clock(9);
+    let n = changes.len();
+    for (k, c) in changes.iter().rev().enumerate() {
+        let mut b = open(&path, nid(2), &cb, fast());
+        let report = b.apply_remote(vec![(id.clone(), vec![c.clone()])]).unwrap();
+        assert!(report.rejected.is_empty(), "{report:?}");
+        let stats = b.stats().unwrap();
+        if k + 1 < n {
+            assert_eq!(report.changes_applied, 0);
+            assert_eq!(report.records_changed, 0);
+            assert!(report.changes_pending >= 1);
+            assert!(
+                b.get(&id).unwrap().is_none(),
+                "visible before its first change"
+            );
+            assert!(b.heads(&id).unwrap().is_empty());
+            assert!(b.changes_since(0, 100).unwrap().is_empty());
+            assert_eq!(stats.pending_changes, k as u64 + 1);
+            assert_eq!(stats.records, 0);
+            assert_eq!(b.feed_seq(), 0);
+        } else {
+            assert_eq!(report.changes_applied, n);
+            assert_eq!(report.changes_pending, 0);
+            assert_eq!(report.records_changed, 1);
+            assert_eq!(stats.pending_changes, 0);
+            assert_eq!(stats.records, 1);
+        }
+    }
+
+    let mut b = open(&path, nid(2), &cb, fast());
+    let bv = view(&mut b, &id);
+    assert_eq!(bv.heads, av.heads);
+    assert_eq!(bv.fields, av.fields);
+    assert_eq!(bv.deleted, av.deleted);
+    assert_eq!(bv.created_by, Some(nid(1)));
+    assert_eq!(bv.updated_by, Some(nid(1)));
+    assert_eq!(bv.created_at, av.created_at);
+    assert_eq!(bv.updated_at, av.updated_at);
+    assert_eq!(b.changes_since(0, 10).unwrap().len(), 1);
+    assert_eq!(b.feed_seq(), 1);
+    // The unique index knows the remote record.
+    let err = b
+        .create("contacts", None, &f(json!({"email": "ANN@x.org"})), false)
+        .unwrap_err();
+    expect_duplicate(err, "DUPLICATE_EMAIL", &id);
+
+    // Delivering the same changes again changes nothing.
+    let before = state(&mut b);
+    let again = b.apply_remote(vec![(id.clone(), changes.clone())]).unwrap();
+    assert_eq!(again.changes_duplicate, n);
+    assert_eq!(again.changes_applied, 0);
+    assert_eq!(again.records_changed, 0);
+    assert_eq!(state(&mut b), before);
+}
+
+#[test]
+fn malformed_remote_changes_are_rejected() {
+    let ca = clock(10);
+    let (_akv, mut a) = mem(nid(1), &ca);
+    let id = create(
+        &mut a,
+        "contacts",
+        json!({"first_name": "Ann", "city": "Paris"}),
+    );
+    let other = create(&mut a, "contacts", json!({"first_name": "Bob"}));
+    let cb = clock(11);
+    let (_bkv, mut b) = mem(nid(2), &cb);
+    let r = b
+        .apply_remote(vec![
+            (id.clone(), a.changes_for(&id, &[]).unwrap()),
+            (other.clone(), a.changes_for(&other, &[]).unwrap()),
+        ])
+        .unwrap();
+    assert_eq!(r.records_changed, 2);
+
+    ca.advance(1000);
+    a.update(&id, &f(json!({"city": "Lyon"})), None, false)
+        .unwrap();
+    let fresh = a.changes_for(&id, &b.heads(&id).unwrap()).unwrap();
+    assert_eq!(fresh.len(), 1);
+    let good = fresh[0].clone();
+    let before = state(&mut b);
+
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x5a;
+    let mut flipped_tail = good.clone();
+    *flipped_tail.last_mut().unwrap() ^= 0x01;
+    let mut bad_magic = good.clone();
+    bad_magic[0] ^= 0xff;
+    let inputs: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"this is not an automerge change".to_vec()),
+        ("empty", Vec::new()),
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("truncated by one", good[..good.len() - 1].to_vec()),
+        ("flipped byte", flipped),
+        ("flipped last byte", flipped_tail),
+        ("bad magic", bad_magic),
+        (
+            "oversized",
+            vec![0u8; entente_node::store::MAX_CHANGE_BYTES + 1],
+        ),
+    ];
+    for (what, bytes) in inputs {
+        let report: ApplyReport = b.apply_remote(vec![(id.clone(), vec![bytes])]).unwrap();
+        assert_eq!(report.rejected.len(), 1, "{what}: {report:?}");
+        assert_eq!(report.rejected[0].0, id);
+        assert_eq!(report.changes_applied, 0, "{what}");
+        assert_eq!(report.records_changed, 0, "{what}");
+        let now = state(&mut b);
+        assert_eq!(now.records, before.records, "{what} harmed the record");
+        assert_eq!(now.feed, before.feed, "{what}");
+        assert_eq!(now.feed_seq, before.feed_seq, "{what}");
+        assert_eq!(now.stats.pending_changes, 0, "{what}");
+        assert!(now.stats.quarantined >= 1, "{what}");
+    }
+
+    // A record's changes sent as another record's are refused: the creating
+    // change (no dependencies) of `id` as `other`, and all of `id` as a new id.
+    let creating = a.changes_for(&id, &[]).unwrap()[0].clone();
+    let report = b
+        .apply_remote(vec![(other.clone(), vec![creating])])
+        .unwrap();
+    assert_eq!(report.rejected.len(), 1, "{report:?}");
+    assert_eq!(state(&mut b).records, before.records);
+    // ...and a creating change from another node sent as `other`.
+    // (Its `_id` may win or lose the conflict with `other`'s: node 0 loses.)
+    for node in [0, 3] {
+        let cc = clock(13);
+        let (_ckv, mut c) = mem(nid(node), &cc);
+        let foreign = create(
+            &mut c,
+            "contacts",
+            json!({"first_name": "Cleo", "email": "cleo@x.org"}),
+        );
+        let report = b
+            .apply_remote(vec![(other.clone(), c.changes_for(&foreign, &[]).unwrap())])
+            .unwrap();
+        assert_eq!(report.rejected.len(), 1, "node {node}: {report:?}");
+        assert_eq!(state(&mut b).records, before.records, "node {node}");
+    }
+    let all_of_id = a.changes_for(&id, &[]).unwrap();
+    let report = b.apply_remote(vec![(rid(77), all_of_id)]).unwrap();
+    assert_eq!(report.rejected.len(), 1, "{report:?}");
+    assert!(b.get(&rid(77)).unwrap().is_none());
+    assert_eq!(state(&mut b).records, before.records);
+    // A change whose dependencies the named record lacks waits, harmlessly.
+    let report = b
+        .apply_remote(vec![(other.clone(), vec![good.clone()])])
+        .unwrap();
+    assert_eq!(report.changes_pending, 1, "{report:?}");
+    assert_eq!(state(&mut b).records, before.records);
+
+    // One record's bad input does not hold back another's good one.
+    let report = b
+        .apply_remote(vec![
+            (other.clone(), vec![b"junk".to_vec()]),
+            (id.clone(), vec![good.clone()]),
+        ])
+        .unwrap();
+    assert_eq!(report.rejected.len(), 1);
+    assert_eq!(report.rejected[0].0, other);
+    assert_eq!(report.changes_applied, 1);
+    assert_eq!(view(&mut b, &id).heads, view(&mut a, &id).heads);
+    assert_eq!(view(&mut b, &id).fields["city"], json!("Lyon"));
+    b.clear_cache();
+    assert_eq!(view(&mut b, &id).fields["city"], json!("Lyon"));
+    assert_eq!(view(&mut b, &other), {
+        let mut v = before
+            .records
+            .iter()
+            .find(|r| r.id == other)
+            .unwrap()
+            .clone();
+        v.open_collisions.clear();
+        v
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 9. Compaction.
+
+fn chunk_count(store: &Store, id: &RecordId) -> usize {
+    let mut prefix = id.as_str().as_bytes().to_vec();
+    prefix.push(0);
+    let mut n = 0;
+    store
+        .kv()
+        .scan(Cf::Chunks, &prefix, &prefix, &mut |_, _| {
+            n += 1;
+            true
+        })
+        .unwrap();
+    n
+}
+
+#[test]
+fn compaction_keeps_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let ck = clock(12);
+    let opts = || StoreOptions {
+        compact_after_chunks: 4,
+        ..fast()
+    };
+    let mut store = open(&path, nid(1), &ck, opts());
+    let id = create(
+        &mut store,
+        "contacts",
+        json!({"first_name": "Ann", "city": "c"}),
+    );
+    let other = create(&mut store, "contacts", json!({"first_name": "Bob"}));
+    let h0 = view(&mut store, &id).heads;
+    let mut max_chunks = 0;
+    for i in 0..20 {
+        ck.advance(1);
+        store
+            .update(
+                &id,
+                &f(json!({"city": format!("city {i}"), "notes": format!("note {i}")})),
+                None,
+                false,
+            )
+            .unwrap();
+        max_chunks = max_chunks.max(chunk_count(&store, &id));
+    }
+    assert!(max_chunks < 4, "chunks never compacted: {max_chunks}");
+    let expected = view(&mut store, &id);
+    assert_eq!(expected.fields["city"], json!("city 19"));
+    assert_eq!(store.changes_for(&id, &[]).unwrap().len(), 21);
+
+    store.clear_cache();
+    assert_eq!(view(&mut store, &id), expected);
+    assert_eq!(store.changes_for(&id, &[]).unwrap().len(), 21);
+    let before = state(&mut store);
+    drop(store);
+
+    let mut store = open(&path, nid(1), &ck, opts());
+    assert_eq!(view(&mut store, &id), expected);
+    assert_eq!(state(&mut store), before);
+    assert_eq!(view(&mut store, &other).fields["first_name"], json!("Bob"));
+    // The full history survives compaction: an edit based on the very first
+    // version still merges.
+    let w = store
+        .update(&id, &f(json!({"phone": "9"})), Some(&h0), false)
+        .unwrap();
+    assert!(w.concurrent.is_empty());
+    assert_eq!(w.record.fields["city"], json!("city 19"));
+    assert_eq!(store.history(&id).unwrap().len(), 22);
+    drop(store);
+    let mut store = open(&path, nid(1), &ck, opts());
+    assert_eq!(view(&mut store, &id).fields["phone"], json!("9"));
+    check_invariants(&state(&mut store));
+}
+
+// ---------------------------------------------------------------------------
+// 8. Property: any sequence of operations survives close and reopen.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create {
+        email: u8,
+        city: u8,
+        force: bool,
+    },
+    Update {
+        rec: u8,
+        field: u8,
+        value: u8,
+        based: bool,
+        force: bool,
+    },
+    Delete {
+        rec: u8,
+    },
+    Restore {
+        rec: u8,
+        force: bool,
+    },
+    AddPhone {
+        rec: u8,
+        number: u8,
+    },
+    PeerCreate {
+        email: u8,
+    },
+    PeerEdit {
+        rec: u8,
+        field: u8,
+        value: u8,
+        delete: bool,
+    },
+    Sync,
+    Reopen,
+}
+
+const EMAILS: [&str; 4] = ["a@x.org", " A@X.org", "b@x.org", "c@x.org"];
+const FIELDS: [&str; 5] = ["email", "city", "bank_account", "member_key", "phone"];
+
+fn field_value(field: u8, value: u8) -> (String, Value) {
+    let name = FIELDS[field as usize % FIELDS.len()];
+    let v = match (name, value % 4) {
+        (_, 3) => Value::Null,
+        ("email", v) => json!(EMAILS[v as usize]),
+        (_, v) => json!(format!("v{v}")),
+    };
+    (name.to_string(), v)
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u8..4, 0u8..3, prop::bool::weighted(0.2))
+            .prop_map(|(email, city, force)| Op::Create { email, city, force }),
+        5 => (any::<u8>(), any::<u8>(), any::<u8>(), prop::bool::weighted(0.3), prop::bool::weighted(0.2))
+            .prop_map(|(rec, field, value, based, force)| Op::Update { rec, field, value, based, force }),
+        2 => any::<u8>().prop_map(|rec| Op::Delete { rec }),
+        2 => (any::<u8>(), prop::bool::weighted(0.3)).prop_map(|(rec, force)| Op::Restore { rec, force }),
+        1 => (any::<u8>(), 0u8..2).prop_map(|(rec, number)| Op::AddPhone { rec, number }),
+        2 => (0u8..4).prop_map(|email| Op::PeerCreate { email }),
+        3 => (any::<u8>(), any::<u8>(), any::<u8>(), prop::bool::weighted(0.2))
+            .prop_map(|(rec, field, value, delete)| Op::PeerEdit { rec, field, value, delete }),
+        2 => Just(Op::Sync),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// Refusals a random sequence runs into by design; anything else is a bug.
+fn expected_refusal(r: Result<(), Error>) -> Result<(), TestCaseError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(Error::Duplicate { .. } | Error::BadReference { .. }) => Ok(()),
+        Err(Error::Model(
+            ModelError::Deleted(_) | ModelError::NotDeleted(_) | ModelError::MissingRequired(_),
+        )) => Ok(()),
+        Err(e) => Err(TestCaseError::fail(format!("unexpected error: {e:?}"))),
+    }
+}
+
+fn pick(ids: &[RecordId], n: u8) -> Option<RecordId> {
+    if ids.is_empty() {
+        None
+    } else {
+        Some(ids[n as usize % ids.len()].clone())
+    }
+}
+
+fn ids_of(store: &mut Store) -> Vec<RecordId> {
+    let mut out = Vec::new();
+    for c in ["contacts", "phones"] {
+        out.extend(
+            store
+                .list(c, None, 10_000, true)
+                .unwrap()
+                .records
+                .into_iter()
+                .map(|r| r.id),
+        );
+    }
+    out
+}
+
+fn sync_into(from: &mut Store, to: &mut Store) -> Result<(), TestCaseError> {
+    let mut batch = Vec::new();
+    for id in ids_of(from) {
+        let have = to.heads(&id).unwrap();
+        let changes = from.changes_for(&id, &have).unwrap();
+        if !changes.is_empty() {
+            batch.push((id, changes));
+        }
+    }
+    let report = to.apply_remote(batch).unwrap();
+    prop_assert!(report.rejected.is_empty(), "{:?}", report);
+    prop_assert_eq!(report.changes_pending, 0);
+    Ok(())
+}
+
+fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let ck = clock(21);
+    let pk = clock(22);
+    let opts = || StoreOptions {
+        compact_after_chunks: 3,
+        cache_records: 2,
+        ..fast()
+    };
+    let mut main = Some(open(&path, nid(1), &ck, opts()));
+    let (_pkv, mut peer) = mem(nid(9), &pk);
+    let mut first_heads: std::collections::BTreeMap<RecordId, Vec<String>> = Default::default();
+
+    for op in ops {
+        ck.advance(3);
+        pk.advance(3);
+        let store = main.as_mut().unwrap();
+        let ids = ids_of(store);
+        match op {
+            Op::Create { email, city, force } => {
+                let fields =
+                    f(json!({"email": EMAILS[*email as usize], "city": format!("c{city}")}));
+                let r = store.create("contacts", None, &fields, *force).map(|w| {
+                    first_heads.insert(w.record.id.clone(), w.record.heads.clone());
+                });
+                expected_refusal(r)?;
+            }
+            Op::Update {
+                rec,
+                field,
+                value,
+                based,
+                force,
+            } => {
+                let Some(id) = pick(&ids, *rec) else { continue };
+                let (name, v) = field_value(*field, *value);
+                let collection = view(store, &id).collection;
+                let fields = if collection == "phones" {
+                    f(json!({"kind": v}))
+                } else {
+                    one(name, v)
+                };
+                let base = if *based {
+                    first_heads.get(&id).cloned()
+                } else {
+                    None
+                };
+                let r = store
+                    .update(&id, &fields, base.as_deref(), *force)
+                    .map(|_| ());
+                expected_refusal(r)?;
+            }
+            Op::Delete { rec } => {
+                let Some(id) = pick(&ids, *rec) else { continue };
+                expected_refusal(store.delete(&id).map(|_| ()))?;
+            }
+            Op::Restore { rec, force } => {
+                let Some(id) = pick(&ids, *rec) else { continue };
+                expected_refusal(store.restore(&id, &Map::new(), *force).map(|_| ()))?;
+            }
+            Op::AddPhone { rec, number } => {
+                let Some(id) = pick(&ids, *rec) else { continue };
+                let fields = f(json!({"contact_id": id.as_str(), "number": format!("{number}")}));
+                expected_refusal(store.create("phones", None, &fields, false).map(|_| ()))?;
+            }
+            Op::PeerCreate { email } => {
+                let fields = f(json!({"email": EMAILS[*email as usize]}));
+                expected_refusal(peer.create("contacts", None, &fields, false).map(|_| ()))?;
+            }
+            Op::PeerEdit {
+                rec,
+                field,
+                value,
+                delete,
+            } => {
+                let pids = ids_of(&mut peer);
+                let Some(id) = pick(&pids, *rec) else {
+                    continue;
+                };
+                let r = if *delete {
+                    peer.delete(&id).map(|_| ())
+                } else if view(&mut peer, &id).collection == "phones" {
+                    continue;
+                } else {
+                    let (name, v) = field_value(*field, *value);
+                    peer.update(&id, &one(name, v), None, false).map(|_| ())
+                };
+                expected_refusal(r)?;
+            }
+            Op::Sync => {
+                sync_into(&mut peer, store)?;
+                sync_into(store, &mut peer)?;
+            }
+            Op::Reopen => {
+                let before = state(store);
+                drop(main.take());
+                let mut reopened = open(&path, nid(1), &ck, opts());
+                prop_assert_eq!(state(&mut reopened), before);
+                main = Some(reopened);
+            }
+        }
+    }
+
+    let mut store = main.take().unwrap();
+    let before = state(&mut store);
+    check_invariants(&before);
+    store.clear_cache();
+    prop_assert_eq!(&state(&mut store), &before, "after clearing the cache");
+    drop(store);
+    let mut store = open(&path, nid(1), &ck, opts());
+    prop_assert_eq!(&state(&mut store), &before, "after reopening");
+    // And the peer, given everything, converges on the same records.
+    sync_into(&mut peer, &mut store)?;
+    sync_into(&mut store, &mut peer)?;
+    for id in ids_of(&mut store) {
+        let (m, p) = (view(&mut store, &id), view(&mut peer, &id));
+        prop_assert_eq!(&m.heads, &p.heads);
+        prop_assert_eq!(&m.fields, &p.fields);
+        prop_assert_eq!(m.deleted, p.deleted);
+    }
+    let mut mine: Vec<_> = all_collisions(&store)
+        .into_iter()
+        .filter(|c| c.is_open())
+        .map(|c| c.id)
+        .collect();
+    let mut theirs: Vec<_> = all_collisions(&peer)
+        .into_iter()
+        .filter(|c| c.is_open())
+        .map(|c| c.id)
+        .collect();
+    mine.sort();
+    theirs.sort();
+    prop_assert_eq!(
+        mine,
+        theirs,
+        "converged nodes show the same open collisions"
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 16,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_operations_survive_reopen(ops in prop::collection::vec(op_strategy(), 1..30)) {
+        run_ops(&ops)?;
+    }
+}
