@@ -360,6 +360,8 @@ struct Slot {
     dirty: bool,
     /// Unique keys written with `force` in this operation.
     forced: bool,
+    /// Unique entries computed by `check_unique`, reused by `index`.
+    unique_now: Option<Vec<(String, String)>>,
 }
 
 #[derive(Default)]
@@ -590,6 +592,7 @@ impl Store {
                 old_heads,
                 dirty: false,
                 forced: false,
+                unique_now: None,
             },
         );
         Ok(true)
@@ -970,30 +973,59 @@ impl Store {
                         old_heads: Vec::new(),
                         dirty: true,
                         forced: item.force,
+                        unique_now: None,
                     },
                 );
                 // Index this record now so later items of the batch see it.
                 self.check_unique(&mut work, &tx, &id, item.force)?;
                 self.index(&mut work, &mut tx, &id)?;
-                order.push(id);
+                let fields: serde_json::Map<String, Json> = edit
+                    .set
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_json()))
+                    .collect();
+                order.push((id, fields));
             }
             self.finish(&mut work, tx)
         })();
+        // The views are built from what this batch wrote (a fresh record's
+        // fields are exactly its input), without reloading the documents.
+        let mut out = Vec::with_capacity(order.len());
+        if result.is_ok() {
+            for (id, fields) in order {
+                let meta = work.slots[&id].meta.clone().expect("indexed");
+                let mut open = Vec::new();
+                for cid in self.collision_ids_for(&id)? {
+                    if let Some(c) = self.collision(&cid)?
+                        && c.is_open()
+                    {
+                        open.push(cid);
+                    }
+                }
+                out.push(WriteResult {
+                    change: meta.heads.first().cloned(),
+                    record: RecordView {
+                        id,
+                        collection: meta.collection,
+                        fields,
+                        deleted: false,
+                        merged_into: None,
+                        heads: meta.heads,
+                        seq: meta.seq,
+                        created_by: Some(self.node),
+                        created_at: ctx.time_ms,
+                        updated_by: Some(self.node),
+                        updated_at: ctx.time_ms,
+                        requested_id: None,
+                        open_collisions: open,
+                    },
+                    concurrent: Vec::new(),
+                });
+            }
+        }
         self.settle(work, result.is_ok());
         result?;
-        order
-            .iter()
-            .map(|id| {
-                let view = self
-                    .get(id)?
-                    .ok_or_else(|| Error::NotFound(id.to_string()))?;
-                Ok(WriteResult {
-                    change: view.heads.first().cloned(),
-                    record: view,
-                    concurrent: Vec::new(),
-                })
-            })
-            .collect()
+        Ok(out)
     }
 
     /// Updates fields (`null` unsets). With `base` (heads the client read), the
@@ -1306,6 +1338,7 @@ impl Store {
                     old_heads: Vec::new(),
                     dirty: false,
                     forced: false,
+                    unique_now: None,
                 },
             );
         }
@@ -1466,35 +1499,40 @@ impl Store {
 
     /// Refuses a unique value another live record holds, unless forced.
     fn check_unique(&mut self, work: &mut Work, tx: &Tx, id: &RecordId, force: bool) -> Result<()> {
-        if force {
-            return Ok(());
-        }
         let slot = &work.slots[id];
         let Some(collection) = slot.rec.collection() else {
             return Ok(());
         };
-        let held: BTreeSet<(String, String)> = slot
-            .meta
-            .as_ref()
-            .map(|m| m.unique.iter().cloned().collect())
-            .unwrap_or_default();
+        let mut now = Vec::new();
         for key in self.schema.unique_keys(&collection) {
             for value in unique_values(&self.schema, &slot.rec, &key) {
+                now.push((key.name.clone(), value));
+            }
+        }
+        if !force {
+            let held: BTreeSet<(String, String)> = slot
+                .meta
+                .as_ref()
+                .map(|m| m.unique.iter().cloned().collect())
+                .unwrap_or_default();
+            for (name, value) in &now {
                 // A value the record already held (and shares) is not new.
-                if held.contains(&(key.name.clone(), value.clone())) {
+                if held.contains(&(name.clone(), value.clone())) {
                     continue;
                 }
-                for k in
-                    tx.keys_with_prefix(Cf::Unique, &unique_prefix(&collection, &key.name, &value))?
-                {
-                    let other = String::from_utf8_lossy(
-                        &k[unique_prefix(&collection, &key.name, &value).len()..],
-                    )
-                    .into_owned();
+                let prefix = unique_prefix(&collection, name, value);
+                for k in tx.keys_with_prefix(Cf::Unique, &prefix)? {
+                    let other = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                     if other != id.as_str() {
+                        let key = self
+                            .schema
+                            .unique_keys(&collection)
+                            .into_iter()
+                            .find(|k| &k.name == name)
+                            .expect("key of this collection");
                         return Err(Error::Duplicate {
                             code: key.code(),
-                            field: key.name.clone(),
+                            field: name.clone(),
                             value: value.replace('\u{1f}', " + "),
                             existing: RecordId::parse(&other)?,
                         });
@@ -1502,6 +1540,7 @@ impl Store {
                 }
             }
         }
+        work.slots.get_mut(id).expect("in work").unique_now = Some(now);
         Ok(())
     }
 
@@ -1514,12 +1553,19 @@ impl Store {
             .collection()
             .expect("dirty records have a collection");
         let old = slot.meta.clone();
-        let mut unique = Vec::new();
-        for key in self.schema.unique_keys(&collection) {
-            for v in unique_values(&self.schema, &slot.rec, &key) {
-                unique.push((key.name.clone(), v));
+        // `check_unique` just computed them when it ran for this write.
+        let unique = match slot.unique_now.take() {
+            Some(u) => u,
+            None => {
+                let mut unique = Vec::new();
+                for key in self.schema.unique_keys(&collection) {
+                    for v in unique_values(&self.schema, &slot.rec, &key) {
+                        unique.push((key.name.clone(), v));
+                    }
+                }
+                unique
             }
-        }
+        };
         let mut refs = Vec::new();
         for (field, _) in self.schema.references(&collection) {
             for (v, _) in slot.rec.field_values(&self.schema, &field) {
