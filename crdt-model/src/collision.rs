@@ -289,7 +289,14 @@ pub fn detect_update_delete(schema: &Schema, r: &Record) -> Option<Collision> {
                 };
                 (k, value)
             };
-            let sv = side_value(r, value, &hash);
+            // The change is at hand: its actor and time name the side
+            // without a metadata lookup per op.
+            let sv = SideValue {
+                value,
+                node: NodeId::from_actor(c.actor_id()),
+                at_ms: c.timestamp(),
+                change: hex_lower(&hash.0),
+            };
             let rank = (sv.at_ms, sv.change.clone());
             match updated.get(k) {
                 Some((t, h, _)) if (*t, h.clone()) >= rank => {}
