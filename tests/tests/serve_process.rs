@@ -15,7 +15,7 @@ use entente_tests::entente_bin;
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(120);
-const RECORDS: usize = 4_000;
+const RECORDS: usize = 2_500;
 
 fn init(dir: &Path) -> String {
     let out = Command::new(entente_bin())
