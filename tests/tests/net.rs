@@ -422,3 +422,54 @@ async fn random_bytes_on_the_listen_port_harm_nothing() {
     assert_eq!(a.h.status().await.unwrap().records_rejected, 0);
     stop_all(vec![a, b]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_allowed_peer_sending_garbage_frames_is_disconnected() {
+    use entente_node::libp2p::futures::StreamExt;
+    use entente_node::libp2p::identity::Keypair;
+    use entente_node::libp2p::request_response;
+    use entente_node::libp2p::swarm::SwarmEvent;
+    use entente_node::net::{self, BehaviourEvent};
+
+    let (a, b) = (spawn_node().await, spawn_node().await);
+    link(&b, &a).await;
+    wait_until("A and B syncing", || syncing(&a, &b)).await;
+
+    // A rogue node A does allow, speaking the replication protocol, answering
+    // A's frames properly, and sending one frame that is not a message.
+    let key = Keypair::generate_ed25519();
+    a.h.add_peer(key.public().to_peer_id(), None).await.unwrap();
+    let mut rogue = net::build_swarm(key, &test_config()).unwrap();
+    rogue.behaviour_mut().allowed.allow_peer(a.peer);
+    rogue.dial(a.addr.clone()).unwrap();
+    let outcome = tokio::time::timeout(PATIENCE, async {
+        let mut sent = false;
+        loop {
+            match rogue.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == a.peer => {
+                    let garbage = net::seal(0, b"\xff not a sync message");
+                    rogue.behaviour_mut().repl.send_request(&a.peer, garbage);
+                    sent = true;
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Repl(request_response::Event::Message {
+                    message: request_response::Message::Request { channel, .. },
+                    ..
+                })) => {
+                    let _ = rogue.behaviour_mut().repl.send_response(channel, ());
+                }
+                SwarmEvent::ConnectionClosed { peer_id, .. } if peer_id == a.peer => {
+                    return sent;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(outcome, Ok(true), "A did not close the rogue's connection");
+
+    // A carries on with its data intact.
+    let after = create(&b, json!({"first_name": "After"})).await;
+    wait_until("B's write at A", || has(&a, &after)).await;
+    assert!(syncing(&a, &b).await);
+    stop_all(vec![a, b]).await;
+}
