@@ -48,6 +48,15 @@ pub enum Which {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Catch-up of a new node from a full one: two real nodes over loopback.
+    Net {
+        /// Contacts on the full node.
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
+        /// Contacts per batch when filling it.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -64,6 +73,7 @@ pub fn run(which: Which) -> Result<()> {
             history,
             dir,
         } => collisions(records, history, dir),
+        Which::Net { records, batch } => crate::bench_net::run(records, batch.max(1)),
     }
 }
 

@@ -1,8 +1,10 @@
-//! `entente`: the one binary. Today it runs the benchmarks that measure the
-//! store and collision detection; `serve`, `sim` and the API subcommands land
-//! with the sync-engine, network and API issues.
+//! `entente`: the one binary. `init` makes a data dir, `serve` runs a node
+//! on libp2p, `bench` measures the store and collision detection; `sim` and
+//! the API subcommands land with their issues.
 
 mod bench;
+mod bench_net;
+mod node_cmd;
 
 use std::process::ExitCode;
 
@@ -18,6 +20,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create a data dir: identity key, default config, API token.
+    Init(node_cmd::InitArgs),
+    /// Run a node: replicate with its peers over libp2p until SIGINT/SIGTERM.
+    Serve(node_cmd::ServeArgs),
     /// Benchmarks that print figures (recorded in BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -26,14 +32,22 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A running node logs its sessions; other commands only warnings.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
+        Command::Init(args) => node_cmd::init(args),
+        Command::Serve(args) => node_cmd::serve(args),
         Command::Bench { which } => bench::run(which),
     };
     match result {

@@ -69,6 +69,12 @@ pub enum Error {
     /// message out of turn); its session is closed.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The node's configuration or data dir is unusable.
+    #[error("config: {0}")]
+    Config(String),
+    /// The network layer failed (listen, dial, the event loop stopped).
+    #[error("network: {0}")]
+    Network(String),
     /// A file-system error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -89,6 +95,8 @@ impl Error {
             Error::Storage(_) => "STORAGE_ERROR".into(),
             Error::RejectedChange { .. } => "REJECTED_CHANGE".into(),
             Error::Protocol(_) => "PROTOCOL_ERROR".into(),
+            Error::Config(_) => "CONFIG_ERROR".into(),
+            Error::Network(_) => "NETWORK_ERROR".into(),
             Error::Io(_) => "IO_ERROR".into(),
         }
     }

@@ -10,6 +10,11 @@
 //! - [`sync`]: replication as a sans-I/O state machine (handshake, pull of
 //!   each peer's feed from a checkpoint, batched fetch of what differs, push
 //!   gossip), driven by the network runtime and by `entente-sim` alike.
+//! - [`net`]: the peer layer on libp2p (Noise, Yamux, allow-list, gossip
+//!   for pushes, ordered request-response frames for sessions).
+//! - [`runtime`]: the tokio event loop that wires store, engine and swarm,
+//!   and the [`NodeHandle`] that drives a running node.
+//! - [`config`]: the TOML config and the data dir (identity, token, store).
 //! - [`clock`]: time and id minting come from outside, so the simulator can
 //!   drive the same code deterministically.
 //!
@@ -19,12 +24,18 @@
 //! so indexes, feed and collisions can never disagree with the documents.
 
 pub mod clock;
+pub mod config;
 pub mod error;
+pub mod net;
+pub mod runtime;
 pub mod store;
 pub mod sync;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{Config, DataDir};
 pub use error::{Error, Result};
+pub use libp2p;
+pub use runtime::{NodeHandle, NodeStatus, PeerInfo, RunningNode};
 pub use store::{
     ApplyReport, CollisionFilter, FeedEntry, NewRecord, Page, RecordView, Store, StoreOptions,
     StoreStats, WriteResult,

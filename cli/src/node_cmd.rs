@@ -1,0 +1,170 @@
+//! `entente init` and `entente serve`: make a data dir, run a node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use entente_node::config::{Config, DataDir};
+use entente_node::libp2p::{Multiaddr, PeerId};
+use entente_node::runtime;
+
+/// `entente init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The data dir to create (kept if it exists; an existing key is never replaced).
+    #[arg(long, env = "ENTENTE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Print JSON (`peer_id`, `node_id`, `listen`, file paths) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `entente serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The data dir (made by `entente init`).
+    #[arg(long, env = "ENTENTE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Config file (default: `config.toml` in the data dir, if present).
+    #[arg(long, env = "ENTENTE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP API (kept in the config for the API layer).
+    #[arg(long, env = "ENTENTE_API")]
+    pub api: Option<SocketAddr>,
+    /// Listen multiaddr, repeatable; replaces the config's `listen`.
+    #[arg(long = "listen", env = "ENTENTE_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<Multiaddr>,
+    /// Static peer `MULTIADDR/p2p/PEER_ID`, repeatable: allow-listed, dialed,
+    /// redialed with backoff. Added to the config's `peers`.
+    #[arg(long = "peer", env = "ENTENTE_PEERS", value_delimiter = ',')]
+    pub peers: Vec<Multiaddr>,
+    /// Peer id allowed to connect (it dials us), repeatable. Added to the
+    /// config's `allow`.
+    #[arg(long = "allow", env = "ENTENTE_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<PeerId>,
+    /// Discover peers on the LAN with mDNS (only allow-listed ones are dialed).
+    #[arg(long, env = "ENTENTE_MDNS")]
+    pub mdns: bool,
+    /// Cluster name (gossip topic); overrides the config's `cluster`.
+    #[arg(long, env = "ENTENTE_CLUSTER")]
+    pub cluster: Option<String>,
+}
+
+pub fn init(args: InitArgs) -> Result<()> {
+    let dir = DataDir::new(&args.data_dir);
+    let report = dir
+        .init()
+        .with_context(|| format!("initializing {}", args.data_dir.display()))?;
+    let listen: Vec<String> = report
+        .config
+        .listen
+        .iter()
+        .map(|a| format!("{a}/p2p/{}", report.peer_id))
+        .collect();
+    if args.json {
+        let v = serde_json::json!({
+            "peer_id": report.peer_id.to_string(),
+            "node_id": report.node_id.to_string(),
+            "created": report.created,
+            "data_dir": dir.root(),
+            "listen": listen,
+            "config_file": dir.config_path(),
+            "identity_file": dir.identity_path(),
+            "api_token_file": dir.token_path(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let verb = if report.created {
+            "created"
+        } else {
+            "existing"
+        };
+        println!("data dir  {} ({verb})", dir.root().display());
+        println!("peer id   {}", report.peer_id);
+        println!("node id   {}", report.node_id);
+        for a in &listen {
+            println!("listen    {a}");
+        }
+        println!("config    {}", dir.config_path().display());
+        println!("api token {}", dir.token_path().display());
+    }
+    Ok(())
+}
+
+/// The config `serve` runs with: file, then flags and `ENTENTE_*` variables.
+pub fn effective_config(args: &ServeArgs, dir: &DataDir) -> Result<Config> {
+    let path = args.config.clone().or_else(|| {
+        let p = dir.config_path();
+        p.exists().then_some(p)
+    });
+    let mut config = match &path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if !args.listen.is_empty() {
+        config.listen = args.listen.clone();
+    }
+    for p in &args.peers {
+        if !config.peers.contains(p) {
+            config.peers.push(p.clone());
+        }
+    }
+    for p in &args.allow {
+        if !config.allow.contains(p) {
+            config.allow.push(*p);
+        }
+    }
+    if args.mdns {
+        config.mdns = true;
+    }
+    if let Some(api) = args.api {
+        config.api = api;
+    }
+    if let Some(c) = &args.cluster {
+        config.cluster = c.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let dir = DataDir::new(&args.data_dir);
+    if !dir.identity_path().exists() {
+        bail!(
+            "{} has no identity: run `entente init --data-dir {}` first",
+            args.data_dir.display(),
+            args.data_dir.display()
+        );
+    }
+    let config = effective_config(&args, &dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let node = runtime::start(&dir, config).await?;
+        let handle = node.handle.clone();
+        // Print the listen addresses once bound (scripts read these lines).
+        for _ in 0..100 {
+            let status = handle.status().await?;
+            if !status.listen_addrs.is_empty() {
+                for a in status.listen_addrs {
+                    println!("listening {a}/p2p/{}", status.peer_id);
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received, shutting down");
+        node.stop().await?;
+        Ok(())
+    })
+}
