@@ -48,6 +48,9 @@ pub enum Which {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// The HTTP API on loopback: single creates with 1 and with N concurrent
+    /// clients, an import of JSON lines, a read of the changes feed.
+    Api(crate::bench_api::ApiBench),
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -64,6 +67,7 @@ pub fn run(which: Which) -> Result<()> {
             history,
             dir,
         } => collisions(records, history, dir),
+        Which::Api(a) => crate::bench_api::run(a),
     }
 }
 
@@ -99,16 +103,16 @@ fn rss_kib() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn rate(n: usize, d: Duration) -> f64 {
+pub(crate) fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-struct Dir {
-    path: PathBuf,
+pub(crate) struct Dir {
+    pub(crate) path: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
 
-fn data_dir(dir: Option<PathBuf>, what: &str) -> Result<Dir> {
+pub(crate) fn data_dir(dir: Option<PathBuf>, what: &str) -> Result<Dir> {
     Ok(match dir {
         Some(p) => {
             std::fs::create_dir_all(&p)?;

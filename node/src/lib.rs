@@ -10,6 +10,8 @@
 //! - [`sync`]: replication as a sans-I/O state machine (handshake, pull of
 //!   each peer's feed from a checkpoint, batched fetch of what differs, push
 //!   gossip), driven by the network runtime and by `entente-sim` alike.
+//! - [`api`]: the HTTP JSON API (axum) over the store, with hooks through
+//!   which the running node adds what only it knows (peers, network metrics).
 //! - [`clock`]: time and id minting come from outside, so the simulator can
 //!   drive the same code deterministically.
 //!
@@ -18,6 +20,7 @@
 //! Automerge changes from a peer) both end in the store's one `finish` step,
 //! so indexes, feed and collisions can never disagree with the documents.
 
+pub mod api;
 pub mod clock;
 pub mod error;
 pub mod store;
