@@ -57,6 +57,9 @@ pub enum Which {
         #[arg(long, default_value_t = 1_000)]
         batch: usize,
     },
+    /// The HTTP API on loopback: single creates with 1 and with N concurrent
+    /// clients, an import of JSON lines, a read of the changes feed.
+    Api(crate::bench_api::ApiBench),
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -74,6 +77,7 @@ pub fn run(which: Which) -> Result<()> {
             dir,
         } => collisions(records, history, dir),
         Which::Net { records, batch } => crate::bench_net::run(records, batch.max(1)),
+        Which::Api(a) => crate::bench_api::run(a),
     }
 }
 
@@ -109,16 +113,16 @@ fn rss_kib() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn rate(n: usize, d: Duration) -> f64 {
+pub(crate) fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-struct Dir {
-    path: PathBuf,
+pub(crate) struct Dir {
+    pub(crate) path: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
 
-fn data_dir(dir: Option<PathBuf>, what: &str) -> Result<Dir> {
+pub(crate) fn data_dir(dir: Option<PathBuf>, what: &str) -> Result<Dir> {
     Ok(match dir {
         Some(p) => {
             std::fs::create_dir_all(&p)?;

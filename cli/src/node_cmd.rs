@@ -12,21 +12,11 @@ use entente_node::runtime;
 
 /// `entente init`.
 #[derive(Debug, Args)]
-pub struct InitArgs {
-    /// The data dir to create (kept if it exists; an existing key is never replaced).
-    #[arg(long, env = "ENTENTE_DATA_DIR")]
-    pub data_dir: PathBuf,
-    /// Print JSON (`peer_id`, `node_id`, `listen`, file paths) instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
+pub struct InitArgs {}
 
 /// `entente serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The data dir (made by `entente init`).
-    #[arg(long, env = "ENTENTE_DATA_DIR")]
-    pub data_dir: PathBuf,
     /// Config file (default: `config.toml` in the data dir, if present).
     #[arg(long, env = "ENTENTE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -52,18 +42,21 @@ pub struct ServeArgs {
     pub cluster: Option<String>,
 }
 
-pub fn init(args: InitArgs) -> Result<()> {
-    let dir = DataDir::new(&args.data_dir);
+/// `entente init`: the data dir comes from the global `--data-dir` (kept if
+/// it exists; an existing key is never replaced); `--json` prints
+/// `peer_id`, `node_id`, `listen` and file paths.
+pub fn init(_args: InitArgs, data_dir: PathBuf, json: bool) -> Result<()> {
+    let dir = DataDir::new(&data_dir);
     let report = dir
         .init()
-        .with_context(|| format!("initializing {}", args.data_dir.display()))?;
+        .with_context(|| format!("initializing {}", data_dir.display()))?;
     let listen: Vec<String> = report
         .config
         .listen
         .iter()
         .map(|a| format!("{a}/p2p/{}", report.peer_id))
         .collect();
-    if args.json {
+    if json {
         let v = serde_json::json!({
             "peer_id": report.peer_id.to_string(),
             "node_id": report.node_id.to_string(),
@@ -129,13 +122,13 @@ pub fn effective_config(args: &ServeArgs, dir: &DataDir) -> Result<Config> {
     Ok(config)
 }
 
-pub fn serve(args: ServeArgs) -> Result<()> {
-    let dir = DataDir::new(&args.data_dir);
+pub fn serve(args: ServeArgs, data_dir: PathBuf) -> Result<()> {
+    let dir = DataDir::new(&data_dir);
     if !dir.identity_path().exists() {
         bail!(
             "{} has no identity: run `entente init --data-dir {}` first",
-            args.data_dir.display(),
-            args.data_dir.display()
+            data_dir.display(),
+            data_dir.display()
         );
     }
     let config = effective_config(&args, &dir)?;

@@ -15,6 +15,8 @@
 //! - [`runtime`]: the tokio event loop that wires store, engine and swarm,
 //!   and the [`NodeHandle`] that drives a running node.
 //! - [`config`]: the TOML config and the data dir (identity, token, store).
+//! - [`api`]: the HTTP JSON API (axum) over the store, with hooks through
+//!   which the running node adds what only it knows (peers, network metrics).
 //! - [`clock`]: time and id minting come from outside, so the simulator can
 //!   drive the same code deterministically.
 //!
@@ -23,6 +25,7 @@
 //! Automerge changes from a peer) both end in the store's one `finish` step,
 //! so indexes, feed and collisions can never disagree with the documents.
 
+pub mod api;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -1,0 +1,130 @@
+//! `status` and `peers`.
+
+use clap::Subcommand;
+use serde_json::{Value as Json, json};
+
+use super::{cell, table};
+use crate::client::{CliResult, Client, enc, print_json};
+
+#[derive(Debug, Subcommand)]
+pub enum PeerAction {
+    /// Dial and remember a peer address.
+    Add {
+        /// Multiaddr, e.g. `/ip4/127.0.0.1/tcp/7071/p2p/<peer id>`.
+        addr: String,
+    },
+    /// Forget a peer.
+    Remove {
+        /// Peer id.
+        id: String,
+    },
+    /// Refuse a peer from now on.
+    Block {
+        /// Peer id.
+        id: String,
+    },
+    /// Lift a block.
+    Unblock {
+        /// Peer id.
+        id: String,
+    },
+}
+
+/// `status`
+pub fn status(client: &Client, json: bool) -> CliResult {
+    let s = client.get("/status")?;
+    if json {
+        print_json(&s);
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for k in [
+        "node_id",
+        "networked",
+        "peers",
+        "connected_peers",
+        "feed_seq",
+        "records",
+        "live_records",
+        "open_collisions",
+        "resolved_collisions",
+        "pending_changes",
+        "quarantined",
+    ] {
+        rows.push(vec![k.replace('_', " "), cell(&s[k])]);
+    }
+    if let Some(m) = s["open_collisions_by_kind"].as_object() {
+        for (k, v) in m {
+            rows.push(vec![format!("  {k}"), cell(v)]);
+        }
+    }
+    table(&["", ""], &rows);
+    Ok(())
+}
+
+fn print_peers(v: &Json) {
+    let rows: Vec<Vec<String>> = v["peers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    let addrs: Vec<String> = p["addrs"]
+                        .as_array()
+                        .map(|a| a.iter().map(cell).collect())
+                        .unwrap_or_default();
+                    vec![
+                        cell(&p["id"]),
+                        if p["connected"].as_bool() == Some(true) {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                        .into(),
+                        if p["blocked"].as_bool() == Some(true) {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                        .into(),
+                        cell(&p["lag"]),
+                        addrs.join(" "),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["PEER", "CONNECTED", "BLOCKED", "LAG", "ADDRESSES"], &rows);
+}
+
+/// `peers [add|remove|block|unblock]`
+pub fn peers(client: &Client, action: Option<PeerAction>, json: bool) -> CliResult {
+    let out = match action {
+        None => {
+            let v = client.get("/peers")?;
+            if json {
+                print_json(&v);
+            } else {
+                print_peers(&v);
+            }
+            return Ok(());
+        }
+        Some(PeerAction::Add { addr }) => {
+            client.json("POST", "/peers", Some(&json!({ "addr": addr })))?
+        }
+        Some(PeerAction::Remove { id }) => {
+            client.json("DELETE", &format!("/peers/{}", enc(&id)), None)?
+        }
+        Some(PeerAction::Block { id }) => {
+            client.json("POST", &format!("/peers/{}/block", enc(&id)), None)?
+        }
+        Some(PeerAction::Unblock { id }) => {
+            client.json("POST", &format!("/peers/{}/unblock", enc(&id)), None)?
+        }
+    };
+    if json {
+        print_json(&out);
+    } else {
+        println!("ok");
+    }
+    Ok(())
+}
