@@ -60,6 +60,9 @@ pub enum Which {
     /// The HTTP API on loopback: single creates with 1 and with N concurrent
     /// clients, an import of JSON lines, a read of the changes feed.
     Api(crate::bench_api::ApiBench),
+    /// Replication latency between two real nodes over loopback: the time
+    /// from a write at A until it is readable at B, under a steady load.
+    Latency(crate::bench_latency::LatencyBench),
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -78,6 +81,7 @@ pub fn run(which: Which) -> Result<()> {
         } => collisions(records, history, dir),
         Which::Net { records, batch } => crate::bench_net::run(records, batch.max(1)),
         Which::Api(a) => crate::bench_api::run(a),
+        Which::Latency(l) => crate::bench_latency::run(l),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -56,7 +56,7 @@ pub fn run(a: ApiBench) -> Result<()> {
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
     let state = ApiState::new(
-        Arc::new(Mutex::new(store)),
+        store,
         Arc::new(StandaloneHooks),
         ApiConfig::for_addr(addr, None, false).map_err(anyhow::Error::msg)?,
     );

@@ -66,7 +66,13 @@ pub fn run(records: usize, batch: usize) -> Result<()> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["serve", "--data-dir"])
         .arg(a.root())
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--allow"])
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+            "--allow",
+        ])
         .arg(b_peer.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

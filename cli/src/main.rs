@@ -1,17 +1,20 @@
-//! `entente`: the one binary. Every subcommand but `bench` and `api` talks to
-//! a running node's HTTP API (`--node`, default `http://127.0.0.1:7070`);
-//! `api` serves that API over a local data dir without networking (the node
-//! issue's `entente serve` serves it with the network); `bench` prints the
-//! figures recorded in BENCHMARKS.md.
+//! `entente`: the one binary. `init` makes a data dir and `serve` runs a node
+//! (replication over libp2p and the HTTP API); `demo` runs three sites in one
+//! process; every other subcommand but `bench` and `api` talks to a running
+//! node's HTTP API (`--node`, default `http://127.0.0.1:7070`); `api` serves
+//! that API over a local data dir without networking (development and
+//! tests); `bench` prints the figures recorded in BENCHMARKS.md.
 //!
 //! One module per command group, dispatched from [`Command`]; each command
 //! prints a readable table, or with `--json` the JSON the API answered.
 
 mod bench;
 mod bench_api;
+mod bench_latency;
 mod bench_net;
 mod client;
 mod cmd;
+mod demo;
 mod node_cmd;
 
 use std::path::PathBuf;
@@ -99,6 +102,9 @@ enum Command {
     /// (development and tests; `entente serve` runs a networked node).
     #[command(hide = true)]
     Api(cmd::serve_api::Api),
+    /// Three sites on loopback in this process walking through the story of
+    /// a sync collision: merged edits, a duplicate, an update racing a delete.
+    Demo(demo::DemoArgs),
     /// Benchmarks that print figures (recorded in BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -143,6 +149,7 @@ fn main() -> ExitCode {
         Command::Import(i) => cmd::transfer::import(&client, i, json),
         Command::Export(e) => cmd::transfer::export(&client, e),
         Command::Api(a) => cmd::serve_api::run(a, cli.data_dir),
+        Command::Demo(d) => demo::run(d).map_err(|e| CliError::other(format!("{e:#}"))),
         Command::Bench { which } => {
             bench::run(which).map_err(|e| CliError::other(format!("{e:#}")))
         }

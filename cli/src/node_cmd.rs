@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use entente_node::config::{Config, DataDir};
 use entente_node::libp2p::{Multiaddr, PeerId};
-use entente_node::runtime;
+use entente_node::{api, runtime};
 
 /// `entente init`.
 #[derive(Debug, Args)]
@@ -20,9 +20,14 @@ pub struct ServeArgs {
     /// Config file (default: `config.toml` in the data dir, if present).
     #[arg(long, env = "ENTENTE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address of the HTTP API (kept in the config for the API layer).
+    /// Address of the HTTP API (default 127.0.0.1:7070; port 0 picks a free
+    /// one). On a non-loopback address every route but /health needs the
+    /// data dir's token.
     #[arg(long, env = "ENTENTE_API")]
     pub api: Option<SocketAddr>,
+    /// Require the API token on loopback too.
+    #[arg(long, env = "ENTENTE_API_REQUIRE_TOKEN")]
+    pub require_token: bool,
     /// Listen multiaddr, repeatable; replaces the config's `listen`.
     #[arg(long = "listen", env = "ENTENTE_LISTEN", value_delimiter = ',')]
     pub listen: Vec<Multiaddr>,
@@ -115,6 +120,9 @@ pub fn effective_config(args: &ServeArgs, dir: &DataDir) -> Result<Config> {
     if let Some(api) = args.api {
         config.api = api;
     }
+    if args.require_token {
+        config.api_require_token = true;
+    }
     if let Some(c) = &args.cluster {
         config.cluster = c.clone();
     }
@@ -137,8 +145,17 @@ pub fn serve(args: ServeArgs, data_dir: PathBuf) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async move {
+        let api_addr = config.api;
+        let require_token = config.api_require_token;
         let node = runtime::start(&dir, config).await?;
         let handle = node.handle.clone();
+        let api = match api::node::start(&handle, dir.root(), api_addr, require_token).await {
+            Ok(api) => api,
+            Err(e) => {
+                node.stop().await?;
+                return Err(e.into());
+            }
+        };
         // Print the listen addresses once bound (scripts read these lines).
         for _ in 0..100 {
             let status = handle.status().await?;
@@ -150,6 +167,8 @@ pub fn serve(args: ServeArgs, data_dir: PathBuf) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        println!("api http://{}", api.addr);
+        let _ = std::io::Write::flush(&mut std::io::stdout());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         tokio::select! {
@@ -157,6 +176,11 @@ pub fn serve(args: ServeArgs, data_dir: PathBuf) -> Result<()> {
             _ = term.recv() => {}
         }
         tracing::info!("signal received, shutting down");
+        // The API first (requests in flight finish), then the node, which
+        // closes the store.
+        if let Err(e) = api.stop().await {
+            tracing::warn!(error = %e, "the API did not stop cleanly");
+        }
         node.stop().await?;
         Ok(())
     })

@@ -53,8 +53,11 @@ pub struct Config {
     /// Further peer ids allowed to connect (they dial us; we do not dial them).
     #[serde(with = "peer_ids")]
     pub allow: Vec<PeerId>,
-    /// Address of the HTTP API (served by the API layer, not by the network).
+    /// Address of the HTTP API.
     pub api: SocketAddr,
+    /// Require the API token even on a loopback address (it is always
+    /// required on any other address).
+    pub api_require_token: bool,
     /// mDNS discovery on the LAN (discovered peers are dialed only if allowed).
     pub mdns: bool,
     /// A schema TOML file; the built-in CRM schema when absent.
@@ -126,7 +129,10 @@ impl Default for Config {
             listen: vec!["/ip4/0.0.0.0/tcp/4001".parse().expect("valid multiaddr")],
             peers: Vec::new(),
             allow: Vec::new(),
-            api: "127.0.0.1:7400".parse().expect("valid socket address"),
+            api: crate::api::DEFAULT_ADDR
+                .parse()
+                .expect("valid socket address"),
+            api_require_token: false,
             mdns: false,
             schema: None,
             limits: Limits::default(),

@@ -43,7 +43,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Span;
 
 use crate::WriteResult;
@@ -51,8 +51,10 @@ use crate::clock::SystemClock;
 use crate::config::{Config, DataDir, node_id_for, peer_of};
 use crate::error::{Error, Result};
 use crate::net::{self, Behaviour, BehaviourEvent, Inbox};
-use crate::store::{CollisionFilter, FeedEntry, NewRecord, RecordView, Store, StoreOptions};
-use crate::sync::{Message, Output, SyncConfig, SyncEngine};
+use crate::store::{
+    CollisionFilter, FeedEntry, NewRecord, RecordView, SharedStore, Store, StoreOptions,
+};
+use crate::sync::{Message, Output, SessionInfo, SyncConfig, SyncEngine};
 
 /// Commands queued from handles to the loop.
 const COMMAND_QUEUE_CAP: usize = 256;
@@ -61,8 +63,6 @@ const TICK_MS: u64 = 200;
 /// A local write that changed more records than this is not gossiped record
 /// by record; peers get it from their next anti-entropy pull.
 pub const PUSH_MAX_PER_WRITE: usize = 64;
-
-type SharedStore = Arc<Mutex<Option<Store>>>;
 
 /// One peer as the node sees it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -87,6 +87,14 @@ pub struct PeerInfo {
     pub dial_attempts: u64,
     /// Milliseconds since its last replication frame arrived.
     pub last_frame_ms_ago: Option<u64>,
+    /// This node's checkpoint in the peer's feed (while connected).
+    pub checkpoint: Option<u64>,
+    /// How far the peer is behind this node's feed: this node's feed
+    /// sequence minus the peer's checkpoint as of its latest pull.
+    pub behind: Option<u64>,
+    /// Milliseconds since this node last caught up with the peer's whole
+    /// feed (in the current session).
+    pub last_sync_ms_ago: Option<u64>,
 }
 
 /// The node at a glance.
@@ -139,6 +147,7 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
     store: SharedStore,
+    feed: Arc<watch::Sender<u64>>,
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
     node_id: NodeId,
@@ -231,6 +240,7 @@ pub async fn start(dir: &DataDir, config: Config) -> Result<RunningNode> {
             .listen_on(addr.clone())
             .map_err(|e| Error::Network(format!("listen on {addr}: {e}")))?;
     }
+    let feed = Arc::new(watch::Sender::new(store.feed_seq()));
     let store: SharedStore = Arc::new(Mutex::new(Some(store)));
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE_CAP);
     let now = Instant::now();
@@ -251,6 +261,7 @@ pub async fn start(dir: &DataDir, config: Config) -> Result<RunningNode> {
         swarm,
         engine,
         store: store.clone(),
+        feed: feed.clone(),
         commands: rx,
         links: HashMap::new(),
         statics,
@@ -266,6 +277,7 @@ pub async fn start(dir: &DataDir, config: Config) -> Result<RunningNode> {
     Ok(RunningNode {
         handle: NodeHandle {
             store,
+            feed,
             commands: tx,
             peer_id,
             node_id,
@@ -283,6 +295,32 @@ impl NodeHandle {
     /// The node's store id.
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// The store, shared with the event loop (the HTTP API serves it).
+    pub fn shared_store(&self) -> SharedStore {
+        self.store.clone()
+    }
+
+    /// The latest sequence of the changes feed, updated after every local
+    /// write made through this handle and every batch applied from a peer
+    /// (long-polling feed readers wait on it).
+    pub fn feed(&self) -> Arc<watch::Sender<u64>> {
+        self.feed.clone()
+    }
+
+    /// Tells the engine that a write made directly on the shared store
+    /// changed `id` to `heads`, so it is gossiped. Never blocks: when the
+    /// loop's queue is full the push is skipped and peers get the change
+    /// from their next pull.
+    pub fn local_change_nowait(&self, id: RecordId, heads: Vec<ChangeHash>) {
+        if self
+            .commands
+            .try_send(Command::LocalChanges(vec![(id, heads)]))
+            .is_err()
+        {
+            tracing::debug!("push skipped: the node's command queue is full or closed");
+        }
     }
 
     /// Runs `f` on the store (on the blocking pool). For reads; a write made
@@ -313,14 +351,15 @@ impl NodeHandle {
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T> + Send + 'static,
     {
-        let (value, changed) = self
+        let (value, changed, seq) = self
             .read(move |s| {
                 let before = s.feed_seq();
                 let value = f(s)?;
                 let changed = s.changes_since(before, PUSH_MAX_PER_WRITE + 1)?;
-                Ok((value, changed))
+                Ok((value, changed, s.feed_seq()))
             })
             .await?;
+        publish_seq(&self.feed, seq);
         if !changed.is_empty() && changed.len() <= PUSH_MAX_PER_WRITE {
             let mut entries = Vec::with_capacity(changed.len());
             for FeedEntry { id, heads, .. } in changed {
@@ -446,6 +485,18 @@ impl NodeHandle {
     }
 }
 
+/// Moves the published feed sequence forward (never back).
+pub(crate) fn publish_seq(feed: &watch::Sender<u64>, seq: u64) {
+    feed.send_if_modified(|cur| {
+        if seq > *cur {
+            *cur = seq;
+            true
+        } else {
+            false
+        }
+    });
+}
+
 #[derive(Debug)]
 struct StaticPeer {
     addr: Multiaddr,
@@ -468,6 +519,7 @@ struct EventLoop {
     swarm: Swarm<Behaviour>,
     engine: SyncEngine<PeerId>,
     store: SharedStore,
+    feed: Arc<watch::Sender<u64>>,
     commands: mpsc::Receiver<Command>,
     links: HashMap<PeerId, Link>,
     statics: BTreeMap<PeerId, StaticPeer>,
@@ -583,7 +635,11 @@ impl EventLoop {
                 }
             };
             match guard.as_mut() {
-                Some(store) => f(&mut self.engine, store),
+                Some(store) => {
+                    let outputs = f(&mut self.engine, store);
+                    publish_seq(&self.feed, store.feed_seq());
+                    outputs
+                }
                 None => Vec::new(),
             }
         });
@@ -673,6 +729,9 @@ impl EventLoop {
     fn peer_infos(&self) -> Vec<PeerInfo> {
         let b = self.swarm.behaviour();
         let ready: BTreeMap<PeerId, NodeId> = self.engine.ready_peers().into_iter().collect();
+        let sessions: BTreeMap<PeerId, SessionInfo> = self.engine.sessions().into_iter().collect();
+        let feed_seq = *self.feed.borrow();
+        let now_ms = self.now_ms();
         let mut all: Vec<PeerId> = self.statics.keys().copied().collect();
         all.extend(b.allowed.allowed_peers().iter().copied());
         all.extend(b.blocked.blocked_peers().iter().copied());
@@ -695,6 +754,18 @@ impl EventLoop {
                     .get(&p)
                     .and_then(|l| l.last_frame)
                     .map(|t| t.elapsed().as_millis() as u64),
+                checkpoint: sessions
+                    .get(&p)
+                    .filter(|s| s.remote.is_some())
+                    .map(|s| s.checkpoint),
+                behind: sessions
+                    .get(&p)
+                    .and_then(|s| s.peer_checkpoint)
+                    .map(|c| feed_seq.saturating_sub(c)),
+                last_sync_ms_ago: sessions
+                    .get(&p)
+                    .and_then(|s| s.last_synced_ms)
+                    .map(|t| now_ms.saturating_sub(t)),
             })
             .collect()
     }

@@ -33,7 +33,7 @@ fn state_with(hooks: Arc<dyn NodeHooks>, require_token: bool) -> ApiState {
         require_token,
     )
     .unwrap();
-    ApiState::new(Arc::new(Mutex::new(store(1))), hooks, config)
+    ApiState::new(store(1), hooks, config)
 }
 
 fn app() -> (Router, ApiState) {
@@ -115,7 +115,8 @@ async fn create(app: &Router, collection: &str, fields: Json) -> Json {
 
 /// Everything observable that a refused request must leave alone.
 fn snapshot(state: &ApiState) -> (u64, u64, Vec<String>) {
-    let mut s = state.store.lock().unwrap();
+    let mut guard = state.store.lock().unwrap();
+    let s = guard.as_mut().unwrap();
     let stats = s.stats().unwrap();
     let mut all = Vec::new();
     for c in ["contacts", "phones", "tags"] {
@@ -853,7 +854,8 @@ fn concurrent_duplicate(state: &ApiState, email: &str) -> (RecordId, RecordId) {
         .record
         .id;
     let changes = other.changes_for(&theirs, &[]).unwrap();
-    let mut s = state.store.lock().unwrap();
+    let mut guard = state.store.lock().unwrap();
+    let s = guard.as_mut().unwrap();
     let ours = s
         .create(
             "contacts",
@@ -1169,6 +1171,7 @@ impl NodeHooks for Recording {
             connected: true,
             blocked: false,
             lag: Some(7),
+            ..Default::default()
         }]
     }
     fn add_peer(&self, addr: &str) -> Result<PeerInfo, HookError> {
@@ -1271,7 +1274,7 @@ async fn the_api_serves_on_a_real_listener_and_shuts_down() {
     let addr = listener.local_addr().unwrap();
     // The config names port 7070; a real listener elsewhere needs its own.
     let config = ApiConfig::for_addr(addr, None, false).unwrap();
-    let state = ApiState::new(state.store.clone(), state.hooks.clone(), config);
+    let state = state.with_config(config);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(api::serve(listener, state, async move {
         let _ = rx.await;

@@ -63,6 +63,14 @@ pub fn status(client: &Client, json: bool) -> CliResult {
 }
 
 fn print_peers(v: &Json) {
+    let yes_no = |b: &Json| {
+        if b.as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        }
+        .to_string()
+    };
     let rows: Vec<Vec<String>> = v["peers"]
         .as_array()
         .map(|a| {
@@ -72,28 +80,35 @@ fn print_peers(v: &Json) {
                         .as_array()
                         .map(|a| a.iter().map(cell).collect())
                         .unwrap_or_default();
+                    let last_sync = match p["last_sync_ms_ago"].as_u64() {
+                        Some(ms) => format!("{:.1} s ago", ms as f64 / 1000.0),
+                        None => String::new(),
+                    };
                     vec![
                         cell(&p["id"]),
-                        if p["connected"].as_bool() == Some(true) {
-                            "yes"
-                        } else {
-                            "no"
-                        }
-                        .into(),
-                        if p["blocked"].as_bool() == Some(true) {
-                            "yes"
-                        } else {
-                            "no"
-                        }
-                        .into(),
+                        yes_no(&p["connected"]),
+                        yes_no(&p["syncing"]),
+                        yes_no(&p["blocked"]),
                         cell(&p["lag"]),
+                        last_sync,
                         addrs.join(" "),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    table(&["PEER", "CONNECTED", "BLOCKED", "LAG", "ADDRESSES"], &rows);
+    table(
+        &[
+            "PEER",
+            "CONNECTED",
+            "SYNCING",
+            "BLOCKED",
+            "LAG",
+            "LAST SYNC",
+            "ADDRESSES",
+        ],
+        &rows,
+    );
 }
 
 /// `peers [add|remove|block|unblock]`

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use clap::Args;
 use entente_model::{NodeId, Schema};
@@ -55,11 +55,7 @@ pub fn run(a: Api, data_dir: Option<PathBuf>) -> CliResult {
         let local = listener.local_addr().map_err(|e| fail(e.to_string()))?;
         // The Host check needs the bound port (port 0 picks one).
         let config = ApiConfig::for_addr(local, Some(token), a.require_token).map_err(fail)?;
-        let state = ApiState::new(
-            Arc::new(Mutex::new(store)),
-            Arc::new(StandaloneHooks),
-            config,
-        );
+        let state = ApiState::new(store, Arc::new(StandaloneHooks), config);
         println!("listening on http://{local}");
         let _ = std::io::stdout().flush();
         api::serve(listener, state, shutdown_signal())

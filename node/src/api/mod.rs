@@ -24,6 +24,7 @@ pub mod collisions;
 pub mod error;
 pub mod feed;
 pub mod io;
+pub mod node;
 pub mod ops;
 pub mod records;
 pub mod token;
@@ -46,7 +47,7 @@ use tokio::sync::watch;
 
 pub use error::ApiError;
 
-use crate::store::Store;
+use crate::store::{SharedStore, Store};
 
 /// Default address of the API.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7070";
@@ -66,8 +67,28 @@ pub struct PeerInfo {
     pub connected: bool,
     /// On the block list.
     pub blocked: bool,
-    /// Feed entries of the peer not yet pulled, when known.
+    /// How far the peer is behind this node's feed (this node's feed
+    /// sequence minus the peer's checkpoint as of its latest pull), when
+    /// known.
     pub lag: Option<u64>,
+    /// Its replication handshake completed.
+    #[serde(default)]
+    pub syncing: bool,
+    /// Its node id (after the handshake).
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// On the allow-list.
+    #[serde(default)]
+    pub allowed: bool,
+    /// Dialed (and redialed) by this node.
+    #[serde(default)]
+    pub static_peer: bool,
+    /// This node's checkpoint in the peer's feed.
+    #[serde(default)]
+    pub checkpoint: Option<u64>,
+    /// Milliseconds since this node last caught up with the peer's feed.
+    #[serde(default)]
+    pub last_sync_ms_ago: Option<u64>,
 }
 
 /// Network and sync counters for `/metrics` and `/status`.
@@ -227,8 +248,9 @@ impl ApiConfig {
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct ApiState {
-    /// The store (short calls, on the blocking pool).
-    pub store: Arc<Mutex<Store>>,
+    /// The store (short calls, on the blocking pool); `None` once the node
+    /// closed it (requests then answer `NODE_STOPPED`).
+    pub store: SharedStore,
     /// What only the running node knows.
     pub hooks: Arc<dyn NodeHooks>,
     /// Access rules and limits.
@@ -237,29 +259,46 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// State over a store.
-    pub fn new(store: Arc<Mutex<Store>>, hooks: Arc<dyn NodeHooks>, config: ApiConfig) -> Self {
-        let seq = store.lock().map(|s| s.feed_seq()).unwrap_or(0);
+    /// State over a store of its own (no running node: `entente api`,
+    /// tests, benchmarks).
+    pub fn new(store: Store, hooks: Arc<dyn NodeHooks>, config: ApiConfig) -> Self {
+        let seq = store.feed_seq();
+        Self::shared(
+            Arc::new(Mutex::new(Some(store))),
+            Arc::new(watch::Sender::new(seq)),
+            hooks,
+            config,
+        )
+    }
+
+    /// State over a store shared with a running node, and the feed-sequence
+    /// channel the node updates after it applies remote changes (so
+    /// long-polling feed readers wake up for those too).
+    pub fn shared(
+        store: SharedStore,
+        feed: Arc<watch::Sender<u64>>,
+        hooks: Arc<dyn NodeHooks>,
+        config: ApiConfig,
+    ) -> Self {
         ApiState {
             store,
             hooks,
             config: Arc::new(config),
-            feed: Arc::new(watch::Sender::new(seq)),
+            feed,
         }
+    }
+
+    /// The same state under other access rules.
+    pub fn with_config(mut self, config: ApiConfig) -> Self {
+        self.config = Arc::new(config);
+        self
     }
 
     /// Tells long-polling feed readers that the feed moved to `seq`. The API
     /// calls it after its own writes; the node calls it after applying
     /// remote changes.
     pub fn feed_changed(&self, seq: u64) {
-        self.feed.send_if_modified(|cur| {
-            if seq > *cur {
-                *cur = seq;
-                true
-            } else {
-                false
-            }
-        });
+        crate::runtime::publish_seq(&self.feed, seq);
     }
 
     pub(crate) fn subscribe_feed(&self) -> watch::Receiver<u64> {
@@ -274,10 +313,17 @@ impl ApiState {
     {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            let mut s = store
+            let mut guard = store
                 .lock()
                 .map_err(|_| ApiError::internal("the store lock is poisoned"))?;
-            f(&mut s)
+            let s = guard.as_mut().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "NODE_STOPPED",
+                    "the node is shutting down",
+                )
+            })?;
+            f(s)
         })
         .await
         .map_err(|e| ApiError::internal(format!("store task failed: {e}")))?

@@ -52,6 +52,10 @@ pub const MAX_CHANGES_PER_RECORD: usize = 100_000;
 /// How many hops of `merged_into` a read follows.
 const MAX_ALIAS_HOPS: usize = 8;
 
+/// A store shared between a running node's event loop and its API: one lock,
+/// `None` once the node closed it.
+pub type SharedStore = std::sync::Arc<std::sync::Mutex<Option<Store>>>;
+
 /// Tuning knobs with their defaults.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {

@@ -174,6 +174,26 @@ struct Session {
     checkpoint: u64,
     /// When an idle session pulls again (ms).
     next_pull_at: u64,
+    /// The `since` of the peer's latest pull: its checkpoint in our feed.
+    peer_checkpoint: Option<u64>,
+    /// When this session last reached the end of the peer's feed with
+    /// everything applied (ms, engine time).
+    last_synced_ms: Option<u64>,
+}
+
+/// A session as the driver may report it (peer lists, metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The peer's node id, once its handshake was accepted.
+    pub remote: Option<NodeId>,
+    /// This node's checkpoint in the peer's feed.
+    pub checkpoint: u64,
+    /// The peer's checkpoint in this node's feed, as of its latest pull:
+    /// `feed_seq - peer_checkpoint` is how far behind it is.
+    pub peer_checkpoint: Option<u64>,
+    /// When this node last caught up with the peer's whole feed (engine
+    /// time, ms), if it has in this session.
+    pub last_synced_ms: Option<u64>,
 }
 
 /// The replication state machine of one node. `P` names a peer connection
@@ -215,6 +235,24 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             .collect()
     }
 
+    /// Every session, in peer order.
+    pub fn sessions(&self) -> Vec<(P, SessionInfo)> {
+        self.sessions
+            .iter()
+            .map(|(p, s)| {
+                (
+                    p.clone(),
+                    SessionInfo {
+                        remote: s.remote,
+                        checkpoint: s.checkpoint,
+                        peer_checkpoint: s.peer_checkpoint,
+                        last_synced_ms: s.last_synced_ms,
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// Whether no session has work outstanding or queued.
     pub fn is_idle(&self) -> bool {
         self.sessions
@@ -233,6 +271,8 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 page_end: None,
                 checkpoint: 0,
                 next_pull_at: 0,
+                peer_checkpoint: None,
+                last_synced_ms: None,
             },
         );
         vec![Output::Send {
@@ -369,6 +409,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             ))),
             _ if !ready => Err(Error::Protocol(format!("{} before hello", msg.kind()))),
             Message::PullRequest { since, limit } => {
+                self.session(peer).peer_checkpoint = Some(since);
                 let limit = (limit as usize).clamp(1, wire::MAX_ENTRIES);
                 let mut page = store.changes_since(since, limit + 1)?;
                 let more = page.len() > limit;
@@ -582,6 +623,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             if more {
                 self.send_pull(peer, out);
             } else {
+                s.last_synced_ms = Some(now);
                 s.next_pull_at = now.saturating_add(interval);
             }
         }
@@ -748,6 +790,23 @@ mod tests {
         // The checkpoint is persisted: node 1 stands at node 0's last seq.
         let cp = load_checkpoint(&p.stores[1], &NodeId([1; 16])).unwrap();
         assert_eq!(cp, p.stores[0].feed_seq());
+        // And both sides report it: node 1 caught up with node 0's feed,
+        // and node 0 saw node 1 pull from there.
+        let [(_, at1)] = p.engines[1].sessions()[..] else {
+            panic!("one session")
+        };
+        assert_eq!(at1.checkpoint, cp);
+        assert_eq!(at1.remote, Some(NodeId([1; 16])));
+        assert!(at1.last_synced_ms.is_some());
+        // Node 0 knows node 1's checkpoint as of node 1's latest pull: the
+        // start of the last page, then, after the next anti-entropy pull,
+        // the end of its feed.
+        let at0 = |p: &Pair| p.engines[0].sessions()[0].1.peer_checkpoint;
+        assert!(at0(&p) < Some(cp), "{:?}", at0(&p));
+        let o = p.engines[1].tick(1_000);
+        p.apply(1, o);
+        p.run();
+        assert_eq!(at0(&p), Some(cp));
     }
 
     #[test]
