@@ -378,7 +378,10 @@ mod tests {
     fn sync_collections_parse_and_round_trip() {
         let c = Config::from_toml("[sync]\ncollections = [\"contacts\", \"addresses\"]\n").unwrap();
         assert_eq!(c.sync.collections, ["contacts", "addresses"]);
-        assert_eq!(c.sync.pull_interval_ms, SyncTuning::default().pull_interval_ms);
+        assert_eq!(
+            c.sync.pull_interval_ms,
+            SyncTuning::default().pull_interval_ms
+        );
         assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
         assert!(Config::from_toml("[sync]\ncollections = \"contacts\"\n").is_err());
     }

@@ -96,7 +96,12 @@ fn a_batch_that_kills_the_process_is_quarantined_on_restart() {
     let (local, good_id) = {
         let mut store = open(&db, StoreOptions::default());
         let local = store
-            .create("contacts", None, &fields(json!({"email": "local@x.org"})), false)
+            .create(
+                "contacts",
+                None,
+                &fields(json!({"email": "local@x.org"})),
+                false,
+            )
             .unwrap()
             .record
             .id;
@@ -209,7 +214,12 @@ fn compaction_keeps_the_chunks_when_the_snapshot_does_not_load() {
     };
     let mut store = open(&db, opts(Some(TestFault::SnapshotDoesNotLoad)));
     let id = store
-        .create("contacts", None, &fields(json!({"email": "c@x.org"})), false)
+        .create(
+            "contacts",
+            None,
+            &fields(json!({"email": "c@x.org"})),
+            false,
+        )
         .unwrap()
         .record
         .id;
@@ -240,7 +250,12 @@ fn compaction_keeps_the_chunks_when_the_snapshot_does_not_load() {
     // Control: the same edits without the fault compact without a report.
     let mut store2 = open(&tmp.path().join("db2"), opts(None));
     let id2 = store2
-        .create("contacts", None, &fields(json!({"email": "d@x.org"})), false)
+        .create(
+            "contacts",
+            None,
+            &fields(json!({"email": "d@x.org"})),
+            false,
+        )
         .unwrap()
         .record
         .id;

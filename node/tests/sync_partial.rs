@@ -165,7 +165,10 @@ fn the_hello_names_the_replicated_collections() {
 fn unknown_collections_are_refused_in_the_config_and_in_a_hello() {
     let mut s = store(1);
     let e = SyncEngine::<u8>::new(&s, config(&["contacts", "gizmos"])).unwrap_err();
-    assert!(matches!(e, Error::Config(ref m) if m.contains("gizmos")), "{e}");
+    assert!(
+        matches!(e, Error::Config(ref m) if m.contains("gizmos")),
+        "{e}"
+    );
     let mut e: SyncEngine<u8> = SyncEngine::new(&s, config(&[])).unwrap();
     e.peer_connected(3);
     let hello = Message::Hello {
@@ -200,7 +203,11 @@ fn a_partial_node_is_served_and_stores_only_its_collections() {
     }
     let mut contacts = Vec::new();
     for i in 0..3 {
-        let c = put(&mut p.stores[0], "contacts", json!({"email": format!("c{i}@x.org")}));
+        let c = put(
+            &mut p.stores[0],
+            "contacts",
+            json!({"email": format!("c{i}@x.org")}),
+        );
         put(
             &mut p.stores[0],
             "addresses",
@@ -224,10 +231,7 @@ fn a_partial_node_is_served_and_stores_only_its_collections() {
     let cp = entente_node::sync::load_checkpoint(&p.stores[1], &NodeId([1; 16])).unwrap();
     assert_eq!(cp, p.stores[0].feed_seq());
     for c in &contacts {
-        assert_eq!(
-            p.stores[1].heads(c).unwrap(),
-            p.stores[0].heads(c).unwrap()
-        );
+        assert_eq!(p.stores[1].heads(c).unwrap(), p.stores[0].heads(c).unwrap());
     }
 }
 
@@ -242,7 +246,11 @@ fn pushes_of_other_collections_are_not_fetched() {
     let tag = put(&mut p.stores[0], "tags", json!({"name": "vip"}));
     p.sent.clear();
     p.push(0, &tag);
-    assert_eq!(p.sent, [(0, "push")], "a push of an unknown record waits for the pull");
+    assert_eq!(
+        p.sent,
+        [(0, "push")],
+        "a push of an unknown record waits for the pull"
+    );
     p.tick(1);
     assert!(!p.sent.contains(&(1, "fetch-req")), "{:?}", p.sent);
     assert!(!p.has(1, &tag));
@@ -256,7 +264,12 @@ fn pushes_of_other_collections_are_not_fetched() {
     p.push(0, &known);
     assert_eq!(
         p.sent,
-        [(0, "push"), (1, "fetch-req"), (0, "fetch-resp"), (1, "push")]
+        [
+            (0, "push"),
+            (1, "fetch-req"),
+            (0, "fetch-resp"),
+            (1, "push")
+        ]
     );
     assert_eq!(
         p.stores[1].heads(&known).unwrap(),
@@ -304,7 +317,11 @@ fn records_of_other_collections_sent_anyway_are_dropped() {
     );
     let resp = Message::FetchResponse {
         items: vec![
-            (contact.clone(), other.changes_for(&contact, &[]).unwrap(), true),
+            (
+                contact.clone(),
+                other.changes_for(&contact, &[]).unwrap(),
+                true,
+            ),
             (tag.clone(), other.changes_for(&tag, &[]).unwrap(), true),
         ],
     };

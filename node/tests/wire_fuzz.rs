@@ -112,7 +112,10 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (any::<usize>(), any::<u8>()).prop_map(|(i, v)| Mutation::SetByte(i, v)),
         any::<usize>().prop_map(Mutation::Truncate),
         any::<usize>().prop_map(Mutation::Delete),
-        (any::<usize>(), prop_oneof![Just(u64::MAX), Just(1u64 << 32), 0u64..100_000])
+        (
+            any::<usize>(),
+            prop_oneof![Just(u64::MAX), Just(1u64 << 32), 0u64..100_000]
+        )
             .prop_map(|(i, n)| Mutation::InsertLength(i, n)),
     ]
 }
@@ -180,7 +183,13 @@ fn engine_in(state: State, fx: &mut Fixture) -> SyncEngine<u8> {
         };
         let o = e.handle_message(&1, &page.encode().unwrap(), &mut fx.store);
         assert!(
-            matches!(&o[..], [Output::Send { msg: Message::FetchRequest { .. }, .. }]),
+            matches!(
+                &o[..],
+                [Output::Send {
+                    msg: Message::FetchRequest { .. },
+                    ..
+                }]
+            ),
             "{o:?}"
         );
     }
@@ -213,7 +222,11 @@ fn feed(state: State, frame: &[u8]) -> Result<(), TestCaseError> {
     prop_assert!(stats.records <= 2);
     for entry in fx.store.changes_since(0, usize::MAX).unwrap() {
         prop_assert!(fx.store.get(&entry.id).unwrap().is_some());
-        prop_assert!(entry.id == fx.local || entry.id == fx.remote, "{}", entry.id);
+        prop_assert!(
+            entry.id == fx.local || entry.id == fx.remote,
+            "{}",
+            entry.id
+        );
     }
     Ok(())
 }
@@ -264,7 +277,10 @@ fn the_unmutated_frames_are_accepted_where_they_belong() {
     let resp = valid_messages(&fx).swap_remove(5);
     let mut e = engine_in(State::Fetching, &mut fx);
     let o = e.handle_message(&1, &resp.encode().unwrap(), &mut fx.store);
-    assert!(!o.iter().any(|x| matches!(x, Output::Disconnect { .. })), "{o:?}");
+    assert!(
+        !o.iter().any(|x| matches!(x, Output::Disconnect { .. })),
+        "{o:?}"
+    );
     assert_eq!(e.stats().changes_applied, 2);
     assert!(!fx.store.heads(&fx.remote).unwrap().is_empty());
 }

@@ -555,7 +555,9 @@ impl Store {
             true
         })?;
         if bad > 0 {
-            return Err(Error::Corrupt(format!("{bad} unreadable quarantine entries")));
+            return Err(Error::Corrupt(format!(
+                "{bad} unreadable quarantine entries"
+            )));
         }
         Ok(out)
     }
@@ -1404,11 +1406,8 @@ impl Store {
         if grouped.is_empty() {
             return Ok(report);
         }
-        self.kv.write(vec![(
-            Cf::Meta,
-            META_APPLYING.to_vec(),
-            Some(json(&note)),
-        )])?;
+        self.kv
+            .write(vec![(Cf::Meta, META_APPLYING.to_vec(), Some(json(&note)))])?;
         let mut work = Work::default();
         let result = (|| -> Result<()> {
             let mut tx = Tx::new(self.kv.clone());
@@ -1417,12 +1416,16 @@ impl Store {
                 match self.apply_record(&mut work, &mut tx, &id, raw, collections, &mut report) {
                     Ok(()) => {}
                     Err(Error::RejectedChange { reason, .. }) => {
-                        let key = key2(id.as_str().as_bytes(), &self.clock.now_ms().to_be_bytes());
-                        tx.put(
-                            Cf::Quarantine,
-                            key,
-                            json(&serde_json::json!({"record": id, "reason": reason})),
-                        );
+                        let now = self.clock.now_ms();
+                        let key = key2(id.as_str().as_bytes(), &now.to_be_bytes());
+                        let entry = QuarantineEntry {
+                            record: id.to_string(),
+                            reason: reason.clone(),
+                            peer: peer.map(|p| p.to_string()),
+                            changes: Vec::new(),
+                            at_ms: Some(now),
+                        };
+                        tx.put(Cf::Quarantine, key, json(&entry));
                         tracing::warn!(record = %id, %reason, "quarantined remote input");
                         report.rejected.push((id, reason));
                     }

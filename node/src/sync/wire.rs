@@ -137,7 +137,10 @@ impl Message {
             } => {
                 text("schema fingerprint", schema_fingerprint)?;
                 if collections.len() > MAX_COLLECTIONS {
-                    return Err(proto(format!("hello names {} collections", collections.len())));
+                    return Err(proto(format!(
+                        "hello names {} collections",
+                        collections.len()
+                    )));
                 }
                 if let Some(c) = collections
                     .iter()
