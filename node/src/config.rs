@@ -110,6 +110,10 @@ pub struct SyncTuning {
     pub redial_min_ms: u64,
     /// Longest redial delay (ms).
     pub redial_max_ms: u64,
+    /// Partial replication: the collections this node replicates (pulls,
+    /// stores and serves); empty or absent: all of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub collections: Vec<String>,
 }
 
 impl Default for SyncTuning {
@@ -118,6 +122,7 @@ impl Default for SyncTuning {
             pull_interval_ms: 2_000,
             redial_min_ms: 500,
             redial_max_ms: 30_000,
+            collections: Vec::new(),
         }
     }
 }
@@ -373,6 +378,18 @@ mod tests {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
         let c = Config::default();
         assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn sync_collections_parse_and_round_trip() {
+        let c = Config::from_toml("[sync]\ncollections = [\"contacts\", \"addresses\"]\n").unwrap();
+        assert_eq!(c.sync.collections, ["contacts", "addresses"]);
+        assert_eq!(
+            c.sync.pull_interval_ms,
+            SyncTuning::default().pull_interval_ms
+        );
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        assert!(Config::from_toml("[sync]\ncollections = \"contacts\"\n").is_err());
     }
 
     #[test]

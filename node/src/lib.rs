@@ -40,6 +40,6 @@ pub use error::{Error, Result};
 pub use libp2p;
 pub use runtime::{NodeHandle, NodeStatus, PeerInfo, RunningNode};
 pub use store::{
-    ApplyReport, CollisionFilter, FeedEntry, NewRecord, Page, RecordView, Store, StoreOptions,
-    StoreStats, WriteResult,
+    ApplyReport, CollisionFilter, FeedEntry, NewRecord, Page, QuarantineEntry, RecordView, Store,
+    StoreOptions, StoreStats, WriteResult,
 };

@@ -231,6 +231,7 @@ pub async fn start(dir: &DataDir, config: Config) -> Result<RunningNode> {
         &store,
         SyncConfig {
             pull_interval_ms: config.sync.pull_interval_ms,
+            collections: config.sync.collections.iter().cloned().collect(),
             ..SyncConfig::default()
         },
     )?;

@@ -98,6 +98,7 @@ impl Default for NetOptions {
                 pull_limit: 8,
                 fetch_batch: 4,
                 fetch_budget_bytes: 64 << 10,
+                ..SyncConfig::default()
             },
         }
     }

@@ -342,6 +342,7 @@ pub fn router(state: ApiState) -> Router {
     // Routes answered quickly: a body limit and a timeout.
     let short = Router::new()
         .route("/status", get(ops::status))
+        .route("/quarantine", get(ops::quarantine))
         .route("/schema", get(ops::schema))
         .route("/metrics", get(ops::metrics))
         .route("/peers", get(ops::peers).post(ops::add_peer))

@@ -52,6 +52,13 @@ pub async fn status(State(state): State<ApiState>) -> Result<Json<Json_>, ApiErr
     })))
 }
 
+/// `GET /quarantine`: every quarantined input (record, reason, peer,
+/// refused change hashes, time).
+pub async fn quarantine(State(state): State<ApiState>) -> Result<Json<Json_>, ApiError> {
+    let entries = state.with_store(|s| Ok(s.quarantine()?)).await?;
+    Ok(Json(json!({ "quarantine": entries })))
+}
+
 /// `GET /peers`
 pub async fn peers(State(state): State<ApiState>) -> Result<Json<Json_>, ApiError> {
     let peers = hook(&state, |h| Ok(h.peers())).await?;

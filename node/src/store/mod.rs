@@ -67,6 +67,22 @@ pub struct StoreOptions {
     pub compact_bytes_factor: u64,
     /// fsync every batch (a write is acknowledged only once durable).
     pub sync: bool,
+    /// Test-only fault injection; `None` in every real node.
+    #[doc(hidden)]
+    pub fault: Option<TestFault>,
+}
+
+/// Faults a test can inject into the store (never set by a real node).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    /// `std::process::abort()` inside `apply_remote`, after the batch note is
+    /// durable and before the batch lands: a poison input that kills the
+    /// process.
+    AbortInApply,
+    /// Compaction's `load(save())` check fails, as for a document that
+    /// accepted bad input and no longer saves into loadable bytes.
+    SnapshotDoesNotLoad,
 }
 
 impl Default for StoreOptions {
@@ -76,6 +92,7 @@ impl Default for StoreOptions {
             compact_after_chunks: 32,
             compact_bytes_factor: 2,
             sync: true,
+            fault: None,
         }
     }
 }
@@ -194,6 +211,46 @@ pub struct ApplyReport {
     /// Records whose input was refused (bad bytes, a panic inside Automerge);
     /// the record stays as it was and the input is quarantined.
     pub rejected: Vec<(RecordId, String)>,
+    /// Records of collections this node does not replicate, whose changes
+    /// were dropped ([`Store::apply_remote_only`]).
+    #[serde(default)]
+    pub ignored: Vec<RecordId>,
+}
+
+/// One quarantined input, as [`Store::quarantine`] lists it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct QuarantineEntry {
+    /// The record the input was for.
+    pub record: String,
+    /// Why it was quarantined.
+    pub reason: String,
+    /// The peer (node id) that sent it, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// BLAKE3 (hex) of each change's raw bytes that is refused from now on
+    /// (set for batches the process died applying).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
+    /// When it was quarantined (ms since the epoch), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<i64>,
+}
+
+/// The durable note written before a remote batch is applied and removed in
+/// the batch that applies it: found on open, it names the batch the process
+/// died in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ApplyNote {
+    peer: Option<String>,
+    at_ms: i64,
+    /// Record id and the BLAKE3 (hex) of each change's raw bytes.
+    records: Vec<(String, Vec<String>)>,
+}
+
+/// BLAKE3 (hex) of a change's raw bytes: computed before anything parses
+/// them, so even bytes that kill the parser have a name.
+pub fn change_bytes_hash(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
 }
 
 /// Filter for listing collisions.
@@ -382,6 +439,8 @@ pub struct Store {
     cache: lru::LruCache<RecordId, Record>,
     seq: u64,
     opts: StoreOptions,
+    /// Change-bytes hashes quarantined after a crash: refused on arrival.
+    poisoned: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -396,6 +455,7 @@ impl std::fmt::Debug for Store {
 const META_NODE: &[u8] = b"node_id";
 const META_SCHEMA: &[u8] = b"schema_fingerprint";
 const META_SEQ: &[u8] = b"feed_seq";
+const META_APPLYING: &[u8] = b"applying_remote_batch";
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("serializable")
@@ -465,6 +525,14 @@ impl Store {
             ),
             None => 0,
         };
+        recover_apply_note(kv.as_ref(), clock.now_ms())?;
+        let mut poisoned = BTreeSet::new();
+        kv.scan(Cf::Quarantine, b"", b"", &mut |_, v| {
+            if let Ok(q) = serde_json::from_slice::<QuarantineEntry>(v) {
+                poisoned.extend(q.changes);
+            }
+            true
+        })?;
         let cap = NonZeroUsize::new(opts.cache_records.max(1)).expect("non-zero");
         Ok(Store {
             kv,
@@ -474,7 +542,28 @@ impl Store {
             cache: lru::LruCache::new(cap),
             seq,
             opts,
+            poisoned,
         })
+    }
+
+    /// Every quarantined input: refused remote changes, batches the process
+    /// died applying, records whose compaction was skipped.
+    pub fn quarantine(&self) -> Result<Vec<QuarantineEntry>> {
+        let mut out = Vec::new();
+        let mut bad = 0usize;
+        self.kv.scan(Cf::Quarantine, b"", b"", &mut |_, v| {
+            match serde_json::from_slice::<QuarantineEntry>(v) {
+                Ok(q) => out.push(q),
+                Err(_) => bad += 1,
+            }
+            true
+        })?;
+        if bad > 0 {
+            return Err(Error::Corrupt(format!(
+                "{bad} unreadable quarantine entries"
+            )));
+        }
+        Ok(out)
     }
 
     /// An in-memory store (tests, simulation).
@@ -799,6 +888,12 @@ impl Store {
             .read(&target)?
             .ok_or_else(|| Error::NotFound(id.to_string()))?;
         Ok(rec.doc().save())
+    }
+
+    /// The collection of a record (`None` when unknown), from its metadata.
+    pub fn collection_of(&self, id: &RecordId) -> Result<Option<String>> {
+        let tx = Tx::new(self.kv.clone());
+        Ok(self.meta(&tx, id)?.map(|m| m.collection))
     }
 
     /// The heads of a record (empty when unknown).
@@ -1261,24 +1356,80 @@ impl Store {
     /// they arrive. A record whose input is refused keeps its old state; the
     /// input is quarantined and reported.
     pub fn apply_remote(&mut self, batch: Vec<(RecordId, Vec<Vec<u8>>)>) -> Result<ApplyReport> {
+        self.apply_remote_from(None, batch)
+    }
+
+    /// [`Store::apply_remote`] for a batch that came from `peer`.
+    ///
+    /// Before anything parses the batch, a note naming it (the peer, its
+    /// records, a BLAKE3 hash of each change's raw bytes) is written durably;
+    /// the atomic batch that applies the data removes it. A note found on
+    /// open means the process died inside that batch (an input that aborts
+    /// rather than panics): the batch is quarantined, and changes with those
+    /// hashes are refused whenever a peer sends them again. A poison input
+    /// costs one restart, never a crash loop.
+    pub fn apply_remote_from(
+        &mut self,
+        peer: Option<NodeId>,
+        batch: Vec<(RecordId, Vec<Vec<u8>>)>,
+    ) -> Result<ApplyReport> {
+        self.apply_remote_only(peer, &BTreeSet::new(), batch)
+    }
+
+    /// [`Store::apply_remote_from`] on a node that replicates only
+    /// `collections` (empty: all): changes of a record of another collection
+    /// are neither applied nor kept; the record is listed in
+    /// [`ApplyReport::ignored`].
+    pub fn apply_remote_only(
+        &mut self,
+        peer: Option<NodeId>,
+        collections: &BTreeSet<String>,
+        batch: Vec<(RecordId, Vec<Vec<u8>>)>,
+    ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
+        let mut grouped: BTreeMap<RecordId, Vec<Vec<u8>>> = BTreeMap::new();
+        for (id, changes) in batch {
+            grouped.entry(id).or_default().extend(changes);
+        }
+        let mut note = ApplyNote {
+            peer: peer.map(|p| p.to_string()),
+            at_ms: self.clock.now_ms(),
+            records: Vec::with_capacity(grouped.len()),
+        };
+        grouped.retain(|id, raw| {
+            let hashes: Vec<String> = raw.iter().map(|c| change_bytes_hash(c)).collect();
+            if hashes.iter().any(|h| self.poisoned.contains(h)) {
+                let reason = "changes quarantined: the process died applying them before";
+                tracing::warn!(record = %id, "refused a batch quarantined after a crash");
+                report.rejected.push((id.clone(), reason.to_string()));
+                return false;
+            }
+            note.records.push((id.to_string(), hashes));
+            true
+        });
+        if grouped.is_empty() {
+            return Ok(report);
+        }
+        self.kv
+            .write(vec![(Cf::Meta, META_APPLYING.to_vec(), Some(json(&note)))])?;
         let mut work = Work::default();
         let result = (|| -> Result<()> {
             let mut tx = Tx::new(self.kv.clone());
-            let mut grouped: BTreeMap<RecordId, Vec<Vec<u8>>> = BTreeMap::new();
-            for (id, changes) in batch {
-                grouped.entry(id).or_default().extend(changes);
-            }
+            tx.del(Cf::Meta, META_APPLYING.to_vec());
             for (id, raw) in grouped {
-                match self.apply_record(&mut work, &mut tx, &id, raw, &mut report) {
+                match self.apply_record(&mut work, &mut tx, &id, raw, collections, &mut report) {
                     Ok(()) => {}
                     Err(Error::RejectedChange { reason, .. }) => {
-                        let key = key2(id.as_str().as_bytes(), &self.clock.now_ms().to_be_bytes());
-                        tx.put(
-                            Cf::Quarantine,
-                            key,
-                            json(&serde_json::json!({"record": id, "reason": reason})),
-                        );
+                        let now = self.clock.now_ms();
+                        let key = key2(id.as_str().as_bytes(), &now.to_be_bytes());
+                        let entry = QuarantineEntry {
+                            record: id.to_string(),
+                            reason: reason.clone(),
+                            peer: peer.map(|p| p.to_string()),
+                            changes: Vec::new(),
+                            at_ms: Some(now),
+                        };
+                        tx.put(Cf::Quarantine, key, json(&entry));
                         tracing::warn!(record = %id, %reason, "quarantined remote input");
                         report.rejected.push((id, reason));
                     }
@@ -1297,6 +1448,16 @@ impl Store {
             report.records_changed = ids.len();
             self.finish(&mut work, tx)
         })();
+        if result.is_err() {
+            // The batch did not land, and not because the process died: the
+            // note must not make the next open quarantine it.
+            if let Err(e) = self
+                .kv
+                .write(vec![(Cf::Meta, META_APPLYING.to_vec(), None)])
+            {
+                tracing::error!(error = %e, "could not clear the remote batch note");
+            }
+        }
         self.settle(work, result.is_ok());
         result?;
         Ok(report)
@@ -1308,6 +1469,7 @@ impl Store {
         tx: &mut Tx,
         id: &RecordId,
         raw: Vec<Vec<u8>>,
+        only: &BTreeSet<String>,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let reject = |reason: String| Error::RejectedChange {
@@ -1364,6 +1526,9 @@ impl Store {
             return Ok(());
         }
         let mut copy = slot.rec.doc().clone();
+        if self.opts.fault == Some(TestFault::AbortInApply) {
+            std::process::abort();
+        }
         let applied = catch_unwind(AssertUnwindSafe(
             || -> std::result::Result<Automerge, String> {
                 copy.apply_changes(fresh.clone())
@@ -1422,6 +1587,21 @@ impl Store {
                 work.slots.remove(id);
             }
             return Err(reject(format!("changes belong to record {doc_id}")));
+        }
+        if !only.is_empty()
+            && let Some(c) = rec.collection()
+            && !only.contains(&c)
+        {
+            // Partial replication: not a collection this node keeps. Neither
+            // the changes nor any that waited for them are stored.
+            for k in waiting {
+                tx.del(Cf::Pending, k);
+            }
+            if !known {
+                work.slots.remove(id);
+            }
+            report.ignored.push(id.clone());
+            return Ok(());
         }
         let mut still_pending = 0;
         for k in &waiting {
@@ -1765,8 +1945,9 @@ impl Store {
                 let bytes = doc.save();
                 // Compaction replaces chunks only when the snapshot loads.
                 let loads = is_new
-                    || catch_unwind(AssertUnwindSafe(|| Automerge::load(&bytes).is_ok()))
-                        .unwrap_or(false);
+                    || (self.opts.fault != Some(TestFault::SnapshotDoesNotLoad)
+                        && catch_unwind(AssertUnwindSafe(|| Automerge::load(&bytes).is_ok()))
+                            .unwrap_or(false));
                 if loads {
                     snapshot = Some(bytes);
                 } else {
@@ -2026,6 +2207,46 @@ impl Store {
         };
         Ok(())
     }
+}
+
+/// On open: a leftover note names the remote batch the process died in.
+/// Its records' changes go to quarantine (refused from now on, by hash), and
+/// the note is removed, in one batch.
+fn recover_apply_note(kv: &dyn Kv, now_ms: i64) -> Result<()> {
+    let Some(b) = kv.get(Cf::Meta, META_APPLYING)? else {
+        return Ok(());
+    };
+    let mut ops = vec![(Cf::Meta, META_APPLYING.to_vec(), None)];
+    match serde_json::from_slice::<ApplyNote>(&b) {
+        Ok(note) => {
+            let tag = format!("crash:{}", &change_bytes_hash(&b)[..16]);
+            let changes: usize = note.records.iter().map(|(_, c)| c.len()).sum();
+            tracing::warn!(
+                peer = note.peer.as_deref().unwrap_or("unknown"),
+                records = note.records.len(),
+                changes,
+                "the process died applying a remote batch; quarantined it, its changes are refused from now on"
+            );
+            for (record, hashes) in note.records {
+                let entry = QuarantineEntry {
+                    record: record.clone(),
+                    reason: "the process died applying this batch".into(),
+                    peer: note.peer.clone(),
+                    changes: hashes,
+                    at_ms: Some(now_ms),
+                };
+                ops.push((
+                    Cf::Quarantine,
+                    key2(record.as_bytes(), tag.as_bytes()),
+                    Some(json(&entry)),
+                ));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "unreadable remote batch note dropped");
+        }
+    }
+    kv.write(ops)
 }
 
 fn ref_key(target: &str, referrer: &RecordId, field: &str) -> Vec<u8> {

@@ -33,6 +33,15 @@
 //!    as (id, heads) ([`Output::Broadcast`]); a receiver whose heads differ
 //!    queues a fetch. Lost gossip is repaired by the next pull.
 //! 6. **Anti-entropy.** An idle session pulls again every `pull_interval_ms`.
+//! 7. **Partial replication.** A node with [`SyncConfig::collections`] set
+//!    names them in its `Hello`. A responder serves a peer only the feed
+//!    entries (and fetched records) of collections both replicate; a page's
+//!    `next_since` stays the end of the scanned range, so a page can be
+//!    empty and still move the checkpoint on. Pushes carry no collection: a
+//!    partial node fetches a pushed record only if it holds it (so it is of
+//!    its collections), and for one it has never seen only brings its next
+//!    pull forward. Changes of other collections sent anyway are dropped by
+//!    the store ([`Store::apply_remote_only`]), never stored.
 //!
 //! Multi-hop needs nothing more: records applied from a peer enter the local
 //! feed, which the next peer pulls.
@@ -77,6 +86,10 @@ pub struct SyncConfig {
     /// Change bytes a fetch response carries before it stops (at least one
     /// change always goes, so progress is certain).
     pub fetch_budget_bytes: usize,
+    /// Partial replication: the collections this node replicates (empty:
+    /// all). It pulls, fetches, stores and serves only these, and names
+    /// them in its `Hello`.
+    pub collections: BTreeSet<String>,
 }
 
 impl Default for SyncConfig {
@@ -86,6 +99,7 @@ impl Default for SyncConfig {
             pull_limit: 1_000,
             fetch_batch: 500,
             fetch_budget_bytes: 4 << 20,
+            collections: BTreeSet::new(),
         }
     }
 }
@@ -109,6 +123,18 @@ impl SyncConfig {
             return Err(Error::Protocol(format!(
                 "fetch_budget_bytes must be 1..={}",
                 wire::MAX_MESSAGE_BYTES / 2
+            )));
+        }
+        if self.collections.len() > wire::MAX_COLLECTIONS
+            || self
+                .collections
+                .iter()
+                .any(|c| c.is_empty() || c.len() > wire::MAX_COLLECTION_NAME_BYTES)
+        {
+            return Err(Error::Config(format!(
+                "sync collections: at most {} names of 1..={} bytes",
+                wire::MAX_COLLECTIONS,
+                wire::MAX_COLLECTION_NAME_BYTES
             )));
         }
         Ok(())
@@ -152,6 +178,9 @@ pub struct SyncStats {
     pub changes_applied: u64,
     /// Records the store refused.
     pub records_rejected: u64,
+    /// Records of collections this node does not replicate that a peer sent
+    /// anyway (dropped).
+    pub records_ignored: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +194,8 @@ enum InFlight {
 struct Session {
     /// The peer's node id once its `Hello` was accepted.
     remote: Option<NodeId>,
+    /// The collections the peer replicates (from its `Hello`; empty: all).
+    wants: BTreeSet<String>,
     in_flight: InFlight,
     /// Records to fetch from this peer.
     queue: BTreeSet<RecordId>,
@@ -212,6 +243,15 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
     /// An engine for the node that owns `store`.
     pub fn new(store: &Store, config: SyncConfig) -> Result<Self> {
         config.validate()?;
+        if let Some(c) = config
+            .collections
+            .iter()
+            .find(|c| store.schema().collection(c).is_err())
+        {
+            return Err(Error::Config(format!(
+                "sync collections: `{c}` is not a collection of the schema"
+            )));
+        }
         Ok(SyncEngine {
             node: store.node_id(),
             fingerprint: store.schema().fingerprint().to_string(),
@@ -266,6 +306,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             peer.clone(),
             Session {
                 remote: None,
+                wants: BTreeSet::new(),
                 in_flight: InFlight::None,
                 queue: BTreeSet::new(),
                 page_end: None,
@@ -281,6 +322,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 protocol_version: PROTOCOL_VERSION,
                 node_id: self.node,
                 schema_fingerprint: self.fingerprint.clone(),
+                collections: self.config.collections.iter().cloned().collect(),
             },
         }]
     }
@@ -369,6 +411,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 protocol_version,
                 node_id,
                 schema_fingerprint,
+                collections,
             } => {
                 if ready {
                     return Err(Error::Protocol("second hello".into()));
@@ -384,6 +427,11 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                     ))
                 } else if node_id == self.node {
                     Some("peer claims this node's own id".to_string())
+                } else if let Some(c) = collections
+                    .iter()
+                    .find(|c| store.schema().collection(c).is_err())
+                {
+                    Some(format!("peer replicates `{c}`, not a collection here"))
                 } else {
                     None
                 };
@@ -400,6 +448,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 let s = self.session(peer);
                 s.remote = Some(node_id);
                 s.checkpoint = checkpoint;
+                s.wants = collections.into_iter().collect();
                 tracing::debug!(remote = %node_id, checkpoint, "handshake done");
                 self.send_pull(peer, out);
                 Ok(())
@@ -415,8 +464,13 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 let more = page.len() > limit;
                 page.truncate(limit);
                 let next_since = page.last().map_or(since, |e| e.seq);
+                // Partial replication: the page's end stays the end of the
+                // scanned range, so the peer's checkpoint moves past records
+                // it does not replicate.
+                let wants = &self.sessions[peer].wants;
                 let entries = page
                     .into_iter()
+                    .filter(|e| serves(&self.config.collections, wants, &e.collection))
                     .map(|e| Ok((e.id, heads_to_wire(&heads_from_hex(&e.heads)?))))
                     .collect::<Result<Vec<_>>>()?;
                 out.push(Output::Send {
@@ -437,8 +491,10 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 if self.sessions[peer].in_flight != InFlight::Pull {
                     return Err(Error::Protocol("pull response without a request".into()));
                 }
-                if more && entries.is_empty() {
-                    return Err(Error::Protocol("empty pull page claims more".into()));
+                if more && entries.is_empty() && next_since <= self.sessions[peer].checkpoint {
+                    return Err(Error::Protocol(
+                        "empty pull page claims more without moving on".into(),
+                    ));
                 }
                 if next_since < self.sessions[peer].checkpoint {
                     return Err(Error::Protocol("pull response moves backwards".into()));
@@ -456,21 +512,52 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 self.pump(peer, store, out)
             }
             Message::Push { entries } => {
+                let partial = !self.config.collections.is_empty();
                 let mut wanted = Vec::new();
+                let mut unknown = false;
                 for (id, theirs) in entries {
-                    if differs(&store.heads(&id)?, &heads_from_wire(&theirs)) {
+                    let ours = store.heads(&id)?;
+                    if !differs(&ours, &heads_from_wire(&theirs)) {
+                        continue;
+                    }
+                    if partial {
+                        // A push names no collection. A record held here is
+                        // of a known collection; one never seen may be of any,
+                        // so it is left to the next pull, which the peer
+                        // filters for this node.
+                        match store.collection_of(&id)? {
+                            Some(c) if self.config.collections.contains(&c) => wanted.push(id),
+                            Some(_) => {}
+                            None => unknown = true,
+                        }
+                    } else {
                         wanted.push(id);
                     }
                 }
-                self.session(peer).queue.extend(wanted);
+                let now = self.now_ms;
+                let s = self.session(peer);
+                if unknown {
+                    s.next_pull_at = s.next_pull_at.min(now);
+                }
+                s.queue.extend(wanted);
                 self.pump(peer, store, out)
             }
             Message::FetchRequest { items } => {
                 let mut budget = self.config.fetch_budget_bytes;
                 let mut answer = Vec::with_capacity(items.len());
+                let wants = self.sessions[peer].wants.clone();
+                let partial = !wants.is_empty() || !self.config.collections.is_empty();
                 for (id, have) in items {
                     if budget == 0 {
                         break;
+                    }
+                    if partial
+                        && let Some(c) = store.collection_of(&id)?
+                        && !serves(&self.config.collections, &wants, &c)
+                    {
+                        // Not replicated between us: nothing to send.
+                        answer.push((id, Vec::new(), true));
+                        continue;
                     }
                     let changes = store.changes_for(&id, &heads_from_wire(&have))?;
                     let mut taken = Vec::new();
@@ -520,7 +607,11 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 let report = if batch.is_empty() {
                     Default::default()
                 } else {
-                    store.apply_remote(batch)?
+                    store.apply_remote_only(
+                        self.sessions[peer].remote,
+                        &self.config.collections,
+                        batch,
+                    )?
                 };
                 let _applied = tracing::debug_span!(
                     "applied_batch",
@@ -532,8 +623,19 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 .entered();
                 self.stats.changes_applied += report.changes_applied as u64;
                 self.stats.records_rejected += report.rejected.len() as u64;
-                let rejected: BTreeSet<&RecordId> =
-                    report.rejected.iter().map(|(id, _)| id).collect();
+                self.stats.records_ignored += report.ignored.len() as u64;
+                if !report.ignored.is_empty() {
+                    tracing::debug!(
+                        records = report.ignored.len(),
+                        "records of collections not replicated here dropped"
+                    );
+                }
+                let rejected: BTreeSet<&RecordId> = report
+                    .rejected
+                    .iter()
+                    .map(|(id, _)| id)
+                    .chain(&report.ignored)
+                    .collect();
                 for (id, reason) in &report.rejected {
                     tracing::warn!(record = %id, %reason, "peer's changes refused");
                 }
@@ -631,6 +733,13 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
     }
 }
 
+/// Whether a record of `collection` goes between this node (replicating
+/// `ours`) and a peer (replicating `theirs`); an empty set means all.
+fn serves(ours: &BTreeSet<String>, theirs: &BTreeSet<String>, collection: &str) -> bool {
+    (ours.is_empty() || ours.contains(collection))
+        && (theirs.is_empty() || theirs.contains(collection))
+}
+
 /// Whether two heads differ as sets.
 fn differs(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
     let a: BTreeSet<&ChangeHash> = a.iter().collect();
@@ -688,6 +797,7 @@ mod tests {
             pull_limit: 2,
             fetch_batch: 2,
             fetch_budget_bytes: 300,
+            collections: BTreeSet::new(),
         }
     }
 
@@ -910,6 +1020,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             node_id: NodeId([2; 16]),
             schema_fingerprint: s.schema().fingerprint().to_string(),
+            collections: Vec::new(),
         };
         // Garbage.
         e.peer_connected(7);
@@ -948,6 +1059,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             node_id: NodeId([1; 16]),
             schema_fingerprint: s.schema().fingerprint().to_string(),
+            collections: Vec::new(),
         };
         let o = e.handle_message(&8, &me.encode().unwrap(), &mut s);
         assert!(

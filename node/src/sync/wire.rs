@@ -16,10 +16,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::store::MAX_CHANGE_BYTES;
 
-/// The version byte every frame starts with.
-pub const WIRE_VERSION: u8 = 1;
-/// The replication protocol version carried in the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The version byte every frame starts with (2: `Hello` carries the
+/// replicated collections).
+pub const WIRE_VERSION: u8 = 2;
+/// The replication protocol version carried in the handshake (2: partial
+/// replication).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted or produced (bytes).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Most feed entries in one pull response, and most ids in one push.
@@ -30,6 +32,10 @@ pub const MAX_FETCH_ITEMS: usize = 4096;
 pub const MAX_HEADS: usize = 256;
 /// Longest schema fingerprint or refusal reason (bytes).
 pub const MAX_TEXT_BYTES: usize = 1024;
+/// Most collections named in a `Hello`.
+pub const MAX_COLLECTIONS: usize = 256;
+/// Longest collection name in a `Hello` (bytes).
+pub const MAX_COLLECTION_NAME_BYTES: usize = 128;
 
 /// A record's heads as raw 32-byte hashes.
 pub type WireHeads = Vec<[u8; 32]>;
@@ -46,6 +52,9 @@ pub enum Message {
         /// The sender's schema fingerprint; nodes with different schemas
         /// refuse to sync.
         schema_fingerprint: String,
+        /// The collections the sender replicates, sorted; empty: all. The
+        /// receiver serves it only these, and fetches only these from it.
+        collections: Vec<String>,
     },
     /// The handshake was refused; the sender closes the session.
     HelloRefused {
@@ -122,8 +131,25 @@ impl Message {
         }
         match self {
             Message::Hello {
-                schema_fingerprint, ..
-            } => text("schema fingerprint", schema_fingerprint),
+                schema_fingerprint,
+                collections,
+                ..
+            } => {
+                text("schema fingerprint", schema_fingerprint)?;
+                if collections.len() > MAX_COLLECTIONS {
+                    return Err(proto(format!(
+                        "hello names {} collections",
+                        collections.len()
+                    )));
+                }
+                if let Some(c) = collections
+                    .iter()
+                    .find(|c| c.is_empty() || c.len() > MAX_COLLECTION_NAME_BYTES)
+                {
+                    return Err(proto(format!("collection name of {} bytes", c.len())));
+                }
+                Ok(())
+            }
             Message::HelloRefused { reason } => text("refusal reason", reason),
             Message::PullRequest { .. } => Ok(()),
             Message::PullResponse { entries, .. } => {
@@ -203,6 +229,7 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 node_id: NodeId([7; 16]),
                 schema_fingerprint: "abc".into(),
+                collections: vec!["addresses".into(), "contacts".into()],
             },
             Message::HelloRefused {
                 reason: "schema".into(),
@@ -296,5 +323,23 @@ mod tests {
             reason: "x".repeat(MAX_TEXT_BYTES + 1),
         };
         assert!(long.encode().is_err());
+        let hello = |collections: Vec<String>| Message::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: NodeId([1; 16]),
+            schema_fingerprint: "f".into(),
+            collections,
+        };
+        assert!(hello(vec!["contacts".into()]).encode().is_ok());
+        assert!(hello(vec![String::new()]).encode().is_err());
+        assert!(
+            hello(vec!["x".repeat(MAX_COLLECTION_NAME_BYTES + 1)])
+                .encode()
+                .is_err()
+        );
+        assert!(
+            hello((0..=MAX_COLLECTIONS).map(|i| format!("c{i}")).collect())
+                .encode()
+                .is_err()
+        );
     }
 }
