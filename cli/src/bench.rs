@@ -57,6 +57,17 @@ pub enum Which {
         #[arg(long, default_value_t = 1_000)]
         batch: usize,
     },
+    /// Catch-up through the sync engine over an in-process channel, beside
+    /// the raw limit (`Automerge::load` of the same documents); and a peer
+    /// 10 records behind in a store of N.
+    Sync {
+        /// Contacts on the full node.
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
+        /// Contacts per batch when filling it.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+    },
     /// The HTTP API on loopback: single creates with 1 and with N concurrent
     /// clients, an import of JSON lines, a read of the changes feed.
     Api(crate::bench_api::ApiBench),
@@ -80,6 +91,7 @@ pub fn run(which: Which) -> Result<()> {
             dir,
         } => collisions(records, history, dir),
         Which::Net { records, batch } => crate::bench_net::run(records, batch.max(1)),
+        Which::Sync { records, batch } => crate::bench_sync::run(records.max(1), batch.max(1)),
         Which::Api(a) => crate::bench_api::run(a),
         Which::Latency(l) => crate::bench_latency::run(l),
     }

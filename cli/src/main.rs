@@ -12,6 +12,7 @@ mod bench;
 mod bench_api;
 mod bench_latency;
 mod bench_net;
+mod bench_sync;
 mod client;
 mod cmd;
 mod demo;
@@ -60,6 +61,13 @@ enum Command {
     Peers {
         #[command(subcommand)]
         action: Option<cmd::ops::PeerAction>,
+    },
+    /// Compare this node's data with a connected peer's and repair exactly
+    /// the records that differ; prints what differed and what was repaired.
+    Verify {
+        /// The peer's id (as `entente peers` lists it).
+        #[arg(long)]
+        peer: String,
     },
     /// Create a record, or update fields of an existing one:
     /// `put COLLECTION [ID] FIELD=VALUE… ` (`FIELD:=JSON` for a raw JSON
@@ -138,6 +146,7 @@ fn main() -> ExitCode {
         },
         Command::Status => cmd::ops::status(&client, json),
         Command::Peers { action } => cmd::ops::peers(&client, action, json),
+        Command::Verify { peer } => cmd::ops::verify(&client, &peer, json),
         Command::Put(p) => cmd::records::put(&client, p, json),
         Command::Get { id } => cmd::records::get(&client, &id, json),
         Command::Rm { id } => cmd::records::rm(&client, &id, json),

@@ -75,6 +75,13 @@ pub enum Error {
     /// The network layer failed (listen, dial, the event loop stopped).
     #[error("network: {0}")]
     Network(String),
+    /// The peer has no replication session (not connected, or its
+    /// handshake has not finished).
+    #[error("peer not ready: {0}")]
+    PeerNotReady(String),
+    /// A compare-and-repair run with this peer is already going on.
+    #[error("{0}")]
+    VerifyInProgress(String),
     /// A file-system error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -97,6 +104,8 @@ impl Error {
             Error::Protocol(_) => "PROTOCOL_ERROR".into(),
             Error::Config(_) => "CONFIG_ERROR".into(),
             Error::Network(_) => "NETWORK_ERROR".into(),
+            Error::PeerNotReady(_) => "PEER_NOT_READY".into(),
+            Error::VerifyInProgress(_) => "VERIFY_IN_PROGRESS".into(),
             Error::Io(_) => "IO_ERROR".into(),
         }
     }

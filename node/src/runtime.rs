@@ -54,7 +54,7 @@ use crate::net::{self, Behaviour, BehaviourEvent, Inbox};
 use crate::store::{
     CollisionFilter, FeedEntry, NewRecord, RecordView, SharedStore, Store, StoreOptions,
 };
-use crate::sync::{Message, Output, SessionInfo, SyncConfig, SyncEngine};
+use crate::sync::{Message, Output, SessionInfo, SyncConfig, SyncEngine, VerifyReport};
 
 /// Commands queued from handles to the loop.
 const COMMAND_QUEUE_CAP: usize = 256;
@@ -140,6 +140,8 @@ enum Command {
     Block(PeerId, oneshot::Sender<bool>),
     Unblock(PeerId, oneshot::Sender<bool>),
     Status(oneshot::Sender<NodeStatus>),
+    /// Compare and repair with a connected peer; answered when the run ends.
+    Verify(PeerId, oneshot::Sender<Result<VerifyReport>>),
     Shutdown,
 }
 
@@ -273,6 +275,7 @@ pub async fn start(dir: &DataDir, config: Config) -> Result<RunningNode> {
         redial_max_ms: config.sync.redial_max_ms,
         bytes_sent: 0,
         bytes_received: 0,
+        verify_waiters: BTreeMap::new(),
     };
     let task = tokio::spawn(event_loop.run());
     Ok(RunningNode {
@@ -480,6 +483,15 @@ impl NodeHandle {
         self.ask(Command::Status).await
     }
 
+    /// Compares this node's whole data with connected `peer`'s and repairs
+    /// the records that differ (range-based set reconciliation, see
+    /// `sync`'s docs); answers when the run ended. Refused with
+    /// `PEER_NOT_READY` when the peer has no replication session, and
+    /// `VERIFY_IN_PROGRESS` when a run with it is going on.
+    pub async fn verify(&self, peer: PeerId) -> Result<VerifyReport> {
+        self.ask(|r| Command::Verify(peer, r)).await?
+    }
+
     /// Asks the event loop to stop (wait with [`RunningNode::stopped`]).
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown).await;
@@ -531,6 +543,8 @@ struct EventLoop {
     redial_max_ms: u64,
     bytes_sent: u64,
     bytes_received: u64,
+    /// Who waits for the verify run with each peer.
+    verify_waiters: BTreeMap<PeerId, oneshot::Sender<Result<VerifyReport>>>,
 }
 
 impl EventLoop {
@@ -645,6 +659,44 @@ impl EventLoop {
             }
         });
         self.apply(outputs);
+        self.answer_verifies();
+    }
+
+    /// Hands every finished verify report to whoever waits for it.
+    fn answer_verifies(&mut self) {
+        for peer in self.engine.verify_finished() {
+            if !self.verify_waiters.contains_key(&peer) {
+                continue;
+            }
+            if let Some(report) = self.engine.take_verify_report(&peer)
+                && let Some(reply) = self.verify_waiters.remove(&peer)
+            {
+                let _ = reply.send(Ok(report));
+            }
+        }
+    }
+
+    fn start_verify(&mut self, peer: PeerId, reply: oneshot::Sender<Result<VerifyReport>>) {
+        if self.verify_waiters.contains_key(&peer) || self.engine.verifying(&peer) {
+            let _ = reply.send(Err(Error::VerifyInProgress(format!(
+                "a verify with {peer} is running"
+            ))));
+            return;
+        }
+        self.verify_waiters.insert(peer, reply);
+        let mut refused = None;
+        self.with_engine(|engine, store| match engine.start_verify(&peer, store) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                refused = Some(e);
+                Vec::new()
+            }
+        });
+        if let Some(e) = refused
+            && let Some(reply) = self.verify_waiters.remove(&peer)
+        {
+            let _ = reply.send(Err(e));
+        }
     }
 
     fn on_tick(&mut self) {
@@ -723,6 +775,7 @@ impl EventLoop {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Command::Verify(peer, reply) => self.start_verify(peer, reply),
             Command::Shutdown => unreachable!("handled by the loop"),
         }
     }
@@ -843,6 +896,7 @@ impl EventLoop {
                     });
                 }
                 self.engine.peer_disconnected(&peer_id);
+                self.answer_verifies();
             }
             SwarmEvent::IncomingConnectionError {
                 peer_id,

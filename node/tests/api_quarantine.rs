@@ -1,6 +1,6 @@
 //! `GET /quarantine` lists what the store quarantined.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -39,11 +39,7 @@ async fn quarantined_inputs_are_listed() {
     assert_eq!(r.rejected.len(), 1);
 
     let config = ApiConfig::for_addr(HOST.parse().unwrap(), None, false).unwrap();
-    let state = ApiState::new(
-        Arc::new(Mutex::new(store)),
-        Arc::new(StandaloneHooks),
-        config,
-    );
+    let state = ApiState::new(store, Arc::new(StandaloneHooks), config);
     let app = api::router(state);
     let resp = app
         .oneshot(

@@ -207,6 +207,13 @@ fn records_round_trip_with_json_shapes_tables_and_exit_codes() {
     let add = node.run(&["peers", "add", "/ip4/127.0.0.1/tcp/1"]);
     assert_eq!(code(&add), REFUSED, "{}", text(&add));
     assert!(String::from_utf8_lossy(&add.stderr).contains("NO_NETWORK"));
+    let verify = node.run(&[
+        "verify",
+        "--peer",
+        "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo",
+    ]);
+    assert_eq!(code(&verify), REFUSED, "{}", text(&verify));
+    assert!(String::from_utf8_lossy(&verify.stderr).contains("NO_NETWORK"));
 
     // The feed: every record once, since a sequence.
     let feed = node.run(&["--json", "changes"]);

@@ -4,7 +4,7 @@ use clap::Subcommand;
 use serde_json::{Value as Json, json};
 
 use super::{cell, table};
-use crate::client::{CliResult, Client, enc, print_json};
+use crate::client::{CliError, CliResult, Client, enc, print_json};
 
 #[derive(Debug, Subcommand)]
 pub enum PeerAction {
@@ -140,6 +140,74 @@ pub fn peers(client: &Client, action: Option<PeerAction>, json: bool) -> CliResu
         print_json(&out);
     } else {
         println!("ok");
+    }
+    Ok(())
+}
+
+/// `verify --peer ID`: compare and repair. Exit 0 when the run completed
+/// (whether or not records differed: they were repaired), 1 when it broke
+/// off or a record could not be repaired (refused by the store).
+pub fn verify(client: &Client, peer: &str, json: bool) -> CliResult {
+    let r = client.json("POST", &format!("/peers/{}/verify", enc(peer)), None)?;
+    if json {
+        print_json(&r);
+    } else {
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        println!(
+            "verify with {peer}: {} of this node's {} records differed; {} repaired here, {} offered to the peer",
+            n("differing"),
+            n("local_records"),
+            n("repaired"),
+            n("records_offered"),
+        );
+        println!(
+            "{} rounds, {} ranges compared, {} messages sent / {} received, {} bytes sent / {} received",
+            n("rounds"),
+            n("ranges_compared"),
+            n("messages_sent"),
+            n("messages_received"),
+            n("bytes_sent"),
+            n("bytes_received"),
+        );
+        let repaired: Vec<&str> = r["records_repaired"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Json::as_str).collect())
+            .unwrap_or_default();
+        let rows: Vec<Vec<String>> = r["records_differing"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|id| {
+                        let id = cell(id);
+                        let here = if repaired.contains(&id.as_str()) {
+                            "repaired here"
+                        } else {
+                            "offered to the peer"
+                        };
+                        vec![id, here.to_string()]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !rows.is_empty() {
+            table(&["RECORD", "OUTCOME"], &rows);
+        }
+        let listed = rows.len() as u64;
+        if n("differing") > listed {
+            println!("… and {} more", n("differing") - listed);
+        }
+    }
+    if r["complete"].as_bool() != Some(true) {
+        return Err(CliError::other(format!(
+            "verify did not complete: {}",
+            cell(&r["error"])
+        )));
+    }
+    if r["records_rejected"].as_u64().unwrap_or(0) > 0 {
+        return Err(CliError::other(format!(
+            "{} records could not be repaired (refused by the store; see the node's log)",
+            r["records_rejected"]
+        )));
     }
     Ok(())
 }

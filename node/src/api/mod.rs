@@ -144,6 +144,14 @@ pub trait NodeHooks: Send + Sync + std::fmt::Debug {
     fn metrics(&self) -> NetMetrics;
     /// Whether a network runs at all.
     fn networked(&self) -> bool;
+    /// Compares this node's data with connected peer `id`'s and repairs the
+    /// records that differ; answers when the run ended (may take a while:
+    /// a scan of both stores' record metadata, and the repair fetches).
+    /// The default answers `NO_NETWORK`.
+    fn verify(&self, id: &str) -> Result<crate::sync::VerifyReport, HookError> {
+        let _ = id;
+        Err(no_network())
+    }
 }
 
 /// Hooks for a node without a network (`entente api`, tests): no peers,
@@ -371,6 +379,8 @@ pub fn router(state: ApiState) -> Router {
     // cap on import, `wait` capped on the feed).
     let long = Router::new()
         .route("/changes", get(feed::changes))
+        // Compare and repair scans both stores: no request timeout.
+        .route("/peers/{id}/verify", post(ops::verify))
         .route("/import", post(io::import))
         .route("/export", get(io::export))
         .layer(DefaultBodyLimit::disable());

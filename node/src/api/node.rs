@@ -40,10 +40,18 @@ impl NodeApiHooks {
     }
 
     fn wait<T>(&self, f: impl Future<Output = crate::Result<T>>) -> Result<T, HookError> {
-        self.rt.block_on(f).map_err(|e| HookError {
-            status: 503,
-            code: e.code(),
-            message: e.to_string(),
+        self.rt.block_on(f).map_err(|e| {
+            // A stopped node, a refused dial: the service is unavailable;
+            // a refusal with a status of its own keeps it.
+            let status = match super::error::status_for(&e).as_u16() {
+                500 => 503,
+                s => s,
+            };
+            HookError {
+                status,
+                code: e.code(),
+                message: e.to_string(),
+            }
         })
     }
 
@@ -161,6 +169,11 @@ impl NodeHooks for NodeApiHooks {
 
     fn networked(&self) -> bool {
         true
+    }
+
+    fn verify(&self, id: &str) -> Result<crate::sync::VerifyReport, HookError> {
+        let peer = Self::peer_id(id)?;
+        self.wait(self.node.verify(peer))
     }
 }
 

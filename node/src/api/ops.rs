@@ -110,6 +110,22 @@ pub async fn unblock(
     Ok(Json(json!({ "ok": true })))
 }
 
+/// `POST /peers/{id}/verify`: compare and repair with a connected peer;
+/// the answer is the run's report with `peer` added.
+pub async fn verify(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let peer = id.clone();
+    let report = hook(&state, move |h| h.verify(&id)).await?;
+    let mut v = serde_json::to_value(&report)
+        .map_err(|e| ApiError::internal(format!("verify report: {e}")))?;
+    if let Some(m) = v.as_object_mut() {
+        m.insert("peer".into(), Json_::String(peer));
+    }
+    Ok(Json(v))
+}
+
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -905,6 +905,42 @@ impl Store {
         }
     }
 
+    /// Visits, in id order, every record with `lo <= id < hi` (`hi` absent:
+    /// to the end) with its heads, reading only the per-record metadata (no
+    /// document is loaded), until `visit` returns false. Compare and repair
+    /// fingerprints ranges of the store with it.
+    pub fn scan_heads(
+        &self,
+        lo: &str,
+        hi: Option<&str>,
+        visit: &mut dyn FnMut(&str, Vec<ChangeHash>) -> bool,
+    ) -> Result<()> {
+        #[derive(Deserialize)]
+        struct HeadsOnly {
+            heads: Vec<String>,
+        }
+        let mut failed = None;
+        self.kv.scan(Cf::Records, b"", lo.as_bytes(), &mut |k, v| {
+            if hi.is_some_and(|hi| k >= hi.as_bytes()) {
+                return false;
+            }
+            let parsed = std::str::from_utf8(k)
+                .map_err(|_| Error::Corrupt("a record key is not UTF-8".into()))
+                .and_then(|id| {
+                    let m: HeadsOnly = parse("record meta", v)?;
+                    Ok((id, heads_from_hex(&m.heads)?))
+                });
+            match parsed {
+                Ok((id, heads)) => visit(id, heads),
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })?;
+        failed.map_or(Ok(()), Err)
+    }
+
     /// The raw bytes of the record's changes that are not in the past of
     /// `have` (all of them for an empty `have`), in dependency order.
     pub fn changes_for(&mut self, id: &RecordId, have: &[ChangeHash]) -> Result<Vec<Vec<u8>>> {

@@ -46,6 +46,55 @@
 //! Multi-hop needs nothing more: records applied from a peer enter the local
 //! feed, which the next peer pulls.
 //!
+//! ## Compare and repair
+//!
+//! Pulls trust the feed: a store that diverged behind the engine's back
+//! (restored from a backup, edited by hand, a bug) is not noticed by them.
+//! [`SyncEngine::start_verify`] compares this node's whole data with a peer's
+//! by **range-based set reconciliation** over the set of (record id, heads)
+//! pairs, and repairs exactly the records that differ:
+//!
+//! - A *fingerprint* of a range of ids (`lo <= id < hi`, in the byte order
+//!   of the records column family) is the number of records in it and the
+//!   wrapping 128-bit sum of BLAKE3(id, 0, sorted heads) of each. It is
+//!   computed by a scan of the per-record metadata ([`Store::scan_heads`]),
+//!   no document is loaded.
+//! - The initiator sends `VerifyRequest` with its fingerprint of the whole
+//!   id space. The responder (stateless) answers each requested range whose
+//!   fingerprint differs from its own with `VerifyResponse`: its records of
+//!   the range cut into [`verify::VERIFY_FANOUT`] parts of about equal count
+//!   (the cuts are its own ids), each summarized by its fingerprint — or,
+//!   when it holds at most [`verify::VERIFY_ITEMS`] records in the range,
+//!   by the list of its (id, heads) there (parts of at most
+//!   [`verify::VERIFY_LIST_PART`] are listed too). Ranges that match are not
+//!   mentioned: a node that agrees costs one round trip and one scan on
+//!   each side.
+//! - The initiator compares each fingerprinted part with its own fingerprint
+//!   of the same bounds and asks again (up to [`verify::VERIFY_BATCH`]
+//!   ranges per request, one request in flight) about those that differ;
+//!   each round divides the responder's count by the fanout, so the rounds
+//!   are `log16(n / 32)` plus what the differences need, and the messages
+//!   grow with the differences, not with `n`.
+//! - An item list is compared id by id. A record the peer holds at other
+//!   heads (or that we lack) is queued on the ordinary fetch path (the
+//!   response carries only the changes we lack, applied through
+//!   `Store::apply_remote`). A record the peer lacks, or one whose heads
+//!   here still differ from the peer's once that fetch is applied (the peer
+//!   lacks changes of ours), is offered with a `Push` of (id, our heads)
+//!   sent to that peer only, and the peer fetches what it lacks the usual
+//!   way. No document is loaded to decide any of this.
+//! - The run ends when every range is settled and every repair fetch is
+//!   answered; [`SyncEngine::take_verify_report`] then gives a
+//!   [`VerifyReport`] (ranges compared, rounds, messages and bytes, the
+//!   records that differed, were repaired here, were offered to the peer).
+//!   A broken session ends the run with `complete: false` and the reason.
+//!
+//! Every part is checked to lie within a range that was asked about, items
+//! within their part and in order, ranges sorted and disjoint, bounds and
+//! counts capped ([`wire`]); a violation closes the session like any other.
+//! A responder whose item lists would pass a byte budget answers the rest by
+//! fingerprint (always correct, one more round).
+//!
 //! ## Checkpoint durability
 //!
 //! `Store::apply_remote` writes its batch itself, so the checkpoint cannot
@@ -61,6 +110,7 @@
 //! Everything the engine persists is written before it returns; a driver then
 //! sends the outputs in order (FIFO per peer).
 
+pub mod verify;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -72,6 +122,8 @@ use entente_model::{NodeId, RecordId};
 
 use crate::error::{Error, Result};
 use crate::store::{Cf, Store};
+pub use verify::VerifyReport;
+use verify::VerifyRun;
 pub use wire::{Message, PROTOCOL_VERSION, WireHeads, heads_from_wire, heads_to_wire};
 
 /// Tuning knobs.
@@ -237,6 +289,12 @@ pub struct SyncEngine<P> {
     sessions: BTreeMap<P, Session>,
     now_ms: u64,
     stats: SyncStats,
+    /// Compare-and-repair runs this node started, by peer.
+    verifies: BTreeMap<P, VerifyRun>,
+    /// Finished runs, until the driver takes them.
+    verified: BTreeMap<P, VerifyReport>,
+    /// Size of the frame being handled (for verify byte counts).
+    frame_len: usize,
 }
 
 impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
@@ -259,6 +317,9 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             sessions: BTreeMap::new(),
             now_ms: 0,
             stats: SyncStats::default(),
+            verifies: BTreeMap::new(),
+            verified: BTreeMap::new(),
+            frame_len: 0,
         })
     }
 
@@ -295,13 +356,15 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
 
     /// Whether no session has work outstanding or queued.
     pub fn is_idle(&self) -> bool {
-        self.sessions
-            .values()
-            .all(|s| s.in_flight == InFlight::None && s.queue.is_empty() && s.page_end.is_none())
+        self.verifies.is_empty()
+            && self.sessions.values().all(|s| {
+                s.in_flight == InFlight::None && s.queue.is_empty() && s.page_end.is_none()
+            })
     }
 
     /// A connection to `peer` opened (a new one replaces any old session).
     pub fn peer_connected(&mut self, peer: P) -> Vec<Output<P>> {
+        self.abort_verify(&peer, "the session was replaced");
         self.sessions.insert(
             peer.clone(),
             Session {
@@ -331,6 +394,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
     /// flight) is dropped; the next session resumes from the checkpoint.
     pub fn peer_disconnected(&mut self, peer: &P) {
         self.sessions.remove(peer);
+        self.abort_verify(peer, "the peer disconnected");
     }
 
     /// A local write committed `id` at `heads`: gossip it.
@@ -381,6 +445,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             return Vec::new();
         }
         let mut out = Vec::new();
+        self.frame_len = frame.len();
         let result = Message::decode(frame).and_then(|msg| self.handle(peer, msg, store, &mut out));
         if let Err(e) = result {
             match &e {
@@ -390,6 +455,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 _ => tracing::error!(error = %e, "closing sync session on a local error"),
             }
             self.sessions.remove(peer);
+            self.abort_verify(peer, &format!("session closed: {e}"));
             out.push(Output::Disconnect {
                 peer: peer.clone(),
                 reason: e.to_string(),
@@ -586,6 +652,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 let InFlight::Fetch(asked) = &self.sessions[peer].in_flight else {
                     return Err(Error::Protocol("fetch response without a request".into()));
                 };
+                let asked_ids = asked.clone();
                 let mut unanswered: BTreeSet<RecordId> = asked.iter().cloned().collect();
                 let mut again = Vec::new();
                 let mut batch = Vec::new();
@@ -639,6 +706,32 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 for (id, reason) in &report.rejected {
                     tracing::warn!(record = %id, %reason, "peer's changes refused");
                 }
+                if let Some(run) = self.verifies.get_mut(peer) {
+                    let mut offer = Vec::new();
+                    for id in asked_ids {
+                        if unanswered.contains(&id) || again.contains(&id) {
+                            continue;
+                        }
+                        let Some(theirs) = run.awaiting.remove(&id) else {
+                            continue;
+                        };
+                        if rejected.contains(&id) {
+                            run.report.records_rejected += 1;
+                            continue;
+                        }
+                        let now = store.heads(&id)?;
+                        if differs(&now, &heads_from_wire(&theirs)) {
+                            offer.push((id.clone(), heads_to_wire(&now)));
+                        }
+                        if before.get(&id).is_some_and(|old| differs(old, &now)) {
+                            run.report.repaired += 1;
+                            if run.report.records_repaired.len() < verify::MAX_REPORTED_IDS {
+                                run.report.records_repaired.push(id);
+                            }
+                        }
+                    }
+                    run.offer(peer, offer, out);
+                }
                 let mut gossip = Vec::new();
                 for (id, old) in before {
                     let now = store.heads(&id)?;
@@ -661,9 +754,176 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                         },
                     });
                 }
-                self.pump(peer, store, out)
+                self.pump(peer, store, out)?;
+                self.finish_verify_if_done(peer);
+                Ok(())
+            }
+            Message::VerifyRequest { ranges } => {
+                let (parts, compared) = verify::answer(store, &ranges)?;
+                tracing::debug!(
+                    ranges = compared,
+                    parts = parts.len(),
+                    "verify request answered"
+                );
+                out.push(Output::Send {
+                    peer: peer.clone(),
+                    msg: Message::VerifyResponse { parts },
+                });
+                Ok(())
+            }
+            Message::VerifyResponse { parts } => self.on_verify_response(peer, parts, store, out),
+        }
+    }
+
+    /// Starts comparing this node's whole data with `peer`'s, and repairing
+    /// exactly the records that differ (see "Compare and repair" above). The
+    /// result is read with [`SyncEngine::take_verify_report`] once
+    /// [`SyncEngine::verify_finished`] names the peer.
+    pub fn start_verify(&mut self, peer: &P, store: &Store) -> Result<Vec<Output<P>>> {
+        let Some(remote) = self.sessions.get(peer).and_then(|s| s.remote) else {
+            return Err(Error::PeerNotReady(format!(
+                "no replication session with {peer:?}"
+            )));
+        };
+        if self.verifies.contains_key(peer) {
+            return Err(Error::VerifyInProgress(format!(
+                "a verify with {peer:?} is running"
+            )));
+        }
+        self.verified.remove(peer);
+        let whole = verify::fingerprint(store, &wire::IdRange::all())?;
+        tracing::info!(?peer, records = whole.count, "verify started");
+        self.verifies
+            .insert(peer.clone(), VerifyRun::new(Some(remote), whole));
+        let mut out = Vec::new();
+        self.send_verify(peer, &mut out);
+        Ok(out)
+    }
+
+    /// Peers whose verify run finished (completely or not) and whose report
+    /// waits in [`SyncEngine::take_verify_report`].
+    pub fn verify_finished(&self) -> Vec<P> {
+        self.verified.keys().cloned().collect()
+    }
+
+    /// The report of a finished verify run with `peer` (once).
+    pub fn take_verify_report(&mut self, peer: &P) -> Option<VerifyReport> {
+        self.verified.remove(peer)
+    }
+
+    /// Whether a verify run with `peer` is in progress.
+    pub fn verifying(&self, peer: &P) -> bool {
+        self.verifies.contains_key(peer)
+    }
+
+    fn abort_verify(&mut self, peer: &P, why: &str) {
+        if let Some(run) = self.verifies.remove(peer) {
+            tracing::warn!(?peer, why, "verify stopped before it finished");
+            self.verified
+                .insert(peer.clone(), run.finish(Some(why.to_string())));
+        }
+    }
+
+    fn finish_verify_if_done(&mut self, peer: &P) {
+        if self.verifies.get(peer).is_some_and(VerifyRun::done) {
+            let run = self.verifies.remove(peer).expect("checked");
+            let report = run.finish(None);
+            tracing::info!(
+                ?peer,
+                differing = report.differing,
+                repaired = report.repaired,
+                offered = report.records_offered,
+                rounds = report.rounds,
+                "verify finished"
+            );
+            self.verified.insert(peer.clone(), report);
+        }
+    }
+
+    /// Sends the next verify request of the run with `peer`, if one is due.
+    fn send_verify(&mut self, peer: &P, out: &mut Vec<Output<P>>) {
+        let Some(run) = self.verifies.get_mut(peer) else {
+            return;
+        };
+        if run.asked.is_some() || run.pending.is_empty() {
+            return;
+        }
+        let mut ranges = Vec::new();
+        while ranges.len() < verify::VERIFY_BATCH {
+            match run.pending.pop_first() {
+                Some((_, r)) => ranges.push(r),
+                None => break,
             }
         }
+        run.asked = Some(ranges.iter().map(|(r, _)| r.clone()).collect());
+        let msg = Message::VerifyRequest { ranges };
+        run.report.rounds += 1;
+        run.report.messages_sent += 1;
+        run.report.bytes_sent += msg.encode().map_or(0, |b| b.len() as u64);
+        out.push(Output::Send {
+            peer: peer.clone(),
+            msg,
+        });
+    }
+
+    fn on_verify_response(
+        &mut self,
+        peer: &P,
+        parts: Vec<(wire::IdRange, wire::PartSummary)>,
+        store: &mut Store,
+        out: &mut Vec<Output<P>>,
+    ) -> Result<()> {
+        let frame_len = self.frame_len as u64;
+        let Some(run) = self.verifies.get_mut(peer) else {
+            return Err(Error::Protocol("verify response without a request".into()));
+        };
+        let Some(asked) = run.asked.take() else {
+            return Err(Error::Protocol("verify response without a request".into()));
+        };
+        run.report.messages_received += 1;
+        run.report.bytes_received += frame_len;
+        run.report.ranges_compared += asked.len() as u64;
+        // Every part must lie within a range we asked about (both sorted).
+        let mut i = 0;
+        for (part, _) in &parts {
+            while i < asked.len() && !asked[i].covers(part) {
+                i += 1;
+            }
+            if i == asked.len() {
+                return Err(Error::Protocol(format!(
+                    "verify part [{}, {:?}) outside the ranges asked",
+                    part.lo, part.hi
+                )));
+            }
+        }
+        let mut fetch = Vec::new();
+        let mut offer = Vec::new();
+        for (range, summary) in parts {
+            match summary {
+                wire::PartSummary::Fingerprint(theirs) => {
+                    run.report.ranges_compared += 1;
+                    let mine = verify::fingerprint(store, &range)?;
+                    if mine != theirs {
+                        run.pending.insert(range.lo.clone(), (range, mine));
+                    }
+                }
+                wire::PartSummary::Items(theirs) => {
+                    let diff = verify::compare_items(store, &range, theirs)?;
+                    run.differing.extend(diff.differing);
+                    fetch.extend(diff.fetch);
+                    offer.extend(diff.offer);
+                }
+            }
+        }
+        run.report.records_fetched += fetch.len() as u64;
+        run.offer(peer, offer, out);
+        let ids: Vec<RecordId> = fetch.iter().map(|(id, _)| id.clone()).collect();
+        run.awaiting.extend(fetch);
+        self.session(peer).queue.extend(ids);
+        self.send_verify(peer, out);
+        self.pump(peer, store, out)?;
+        self.finish_verify_if_done(peer);
+        Ok(())
     }
 
     fn session(&mut self, peer: &P) -> &mut Session {
@@ -1075,5 +1335,198 @@ mod tests {
             ),
             "{o:?}"
         );
+    }
+
+    /// Two stores holding the same `n` contacts at the same heads (copied
+    /// change by change, not through the engine), engines connected and
+    /// idle with checkpoints at each other's feed end.
+    fn twins(n: usize) -> (Pair, Vec<RecordId>) {
+        let mut p = Pair::new(SyncConfig::default());
+        let mut ids = Vec::new();
+        for start in (0..n).step_by(500) {
+            let items = (start..(start + 500).min(n))
+                .map(|i| crate::store::NewRecord {
+                    collection: "contacts".into(),
+                    id: None,
+                    fields: json!({"email": format!("t{i}@x.org"), "city": "Bern"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                    force: false,
+                })
+                .collect();
+            let done = p.stores[0].create_many(items).unwrap();
+            let batch: Vec<_> = done
+                .iter()
+                .map(|w| {
+                    let id = w.record.id.clone();
+                    (id.clone(), p.stores[0].changes_for(&id, &[]).unwrap())
+                })
+                .collect();
+            ids.extend(done.into_iter().map(|w| w.record.id));
+            p.stores[1].apply_remote(batch).unwrap();
+        }
+        hide_feeds(&mut p);
+        p.connect();
+        p.run();
+        assert!(p.closed.is_empty(), "{:?}", p.closed);
+        (p, ids)
+    }
+
+    /// Moves both checkpoints to the other's feed end: pulls see nothing.
+    fn hide_feeds(p: &mut Pair) {
+        save_checkpoint(&p.stores[0], &NodeId([2; 16]), p.stores[1].feed_seq()).unwrap();
+        save_checkpoint(&p.stores[1], &NodeId([1; 16]), p.stores[0].feed_seq()).unwrap();
+    }
+
+    fn reconnect(p: &mut Pair) {
+        for i in 0..2 {
+            p.engines[i].peer_disconnected(&(1 - i));
+        }
+        p.connect();
+        p.run();
+    }
+
+    fn verify(p: &mut Pair) -> VerifyReport {
+        p.sent.clear();
+        let o = p.engines[0].start_verify(&1, &p.stores[0]).unwrap();
+        p.apply(0, o);
+        p.run();
+        assert!(p.closed.is_empty(), "{:?}", p.closed);
+        assert_eq!(p.engines[0].verify_finished(), vec![1]);
+        let r = p.engines[0].take_verify_report(&1).unwrap();
+        assert!(r.complete, "{r:?}");
+        assert!(p.engines.iter().all(|e| e.is_idle()));
+        r
+    }
+
+    fn set_city(s: &mut Store, id: &RecordId, city: &str) {
+        let f = json!({ "city": city });
+        s.update(id, f.as_object().unwrap(), None, false).unwrap();
+    }
+
+    #[test]
+    fn verify_of_equal_stores_is_one_round_trip() {
+        let (mut p, _) = twins(200);
+        let r = verify(&mut p);
+        assert_eq!(r.rounds, 1);
+        assert_eq!(r.ranges_compared, 1);
+        assert_eq!(r.differing, 0);
+        assert_eq!(r.local_records, 200);
+        assert_eq!(p.sent, ["verify-req", "verify-resp"]);
+    }
+
+    #[test]
+    fn verify_finds_and_repairs_exactly_the_records_that_differ() {
+        let (mut p, ids) = twins(1_200);
+        // Behind the engines' back: the pulls will not see these.
+        set_city(&mut p.stores[1], &ids[10], "Basel");
+        set_city(&mut p.stores[1], &ids[700], "Genf");
+        set_city(&mut p.stores[0], &ids[300], "Chur");
+        set_city(&mut p.stores[0], &ids[10], "Thun");
+        let only1 = create(&mut p.stores[1], "only1@x.org");
+        let only0 = create(&mut p.stores[0], "only0@x.org");
+        hide_feeds(&mut p);
+        reconnect(&mut p);
+        assert_ne!(p.feed(0), p.feed(1), "pulls did not repair it");
+        let before = p.engines[1].stats();
+        let r = verify(&mut p);
+        let mut want = vec![
+            ids[10].clone(),
+            ids[700].clone(),
+            ids[300].clone(),
+            only0,
+            only1.clone(),
+        ];
+        want.sort();
+        assert_eq!(r.records_differing, want);
+        assert_eq!(r.differing, 5);
+        // Asked from the peer: every record it holds at other heads (10,
+        // 300, 700, only1); only 10, 700 and only1 changed here.
+        assert_eq!(r.records_fetched, 4);
+        let mut repaired = r.records_repaired.clone();
+        repaired.sort();
+        let mut want_repaired = vec![ids[10].clone(), ids[700].clone(), only1];
+        want_repaired.sort();
+        assert_eq!(repaired, want_repaired);
+        // Offered to the peer: 10 (both changed), 300 and only0.
+        assert_eq!(r.records_offered, 3);
+        assert_eq!(p.feed(0), p.feed(1), "both repaired");
+        // The peer fetched what it lacked (10 perhaps twice: once offered,
+        // once gossiped after the merge here).
+        let after = p.engines[1].stats();
+        let fetched = after.records_fetched - before.records_fetched;
+        assert!((3..=4).contains(&fetched), "{fetched}");
+        // A second run finds nothing.
+        let again = verify(&mut p);
+        assert_eq!((again.differing, again.rounds), (0, 1));
+    }
+
+    #[test]
+    fn verify_messages_grow_with_log_n_and_differences_not_n() {
+        let mut figures = Vec::new();
+        for n in [150, 2_400] {
+            let (mut p, ids) = twins(n);
+            for k in [1, n / 2, n - 2] {
+                set_city(&mut p.stores[1], &ids[k], "Aarau");
+            }
+            hide_feeds(&mut p);
+            reconnect(&mut p);
+            let r = verify(&mut p);
+            assert_eq!(r.differing, 3, "n={n}");
+            assert_eq!(r.repaired, 3, "n={n}");
+            assert_eq!(p.feed(0), p.feed(1));
+            figures.push((n, r.rounds, r.bytes_sent + r.bytes_received));
+        }
+        eprintln!("verify figures (records, rounds, bytes): {figures:?}");
+        let (small, big) = (figures[0], figures[1]);
+        // 16x the records: one more round (log16), not 16x the traffic.
+        assert_eq!(small.1, 2, "{figures:?}");
+        assert_eq!(big.1, 3, "{figures:?}");
+        assert!(big.2 < small.2 * 4, "{figures:?}");
+        // Far below listing every record (~80 bytes each).
+        assert!(big.2 < 2_400 * 80 / 10, "{figures:?}");
+    }
+
+    #[test]
+    fn verify_fills_an_empty_peer_and_an_unasked_answer_closes_the_session() {
+        let mut p = Pair::new(small());
+        for i in 0..40 {
+            create(&mut p.stores[0], &format!("e{i}@x.org"));
+        }
+        hide_feeds(&mut p);
+        p.connect();
+        p.run();
+        assert_eq!(p.feed(1).len(), 0);
+        let r = verify(&mut p);
+        assert_eq!(
+            (r.differing, r.records_offered, r.records_fetched),
+            (40, 40, 0)
+        );
+        assert_eq!(p.feed(0), p.feed(1));
+        // A response part outside the ranges asked closes the session.
+        let o = p.engines[0].start_verify(&1, &p.stores[0]).unwrap();
+        assert!(matches!(
+            &o[..],
+            [Output::Send {
+                msg: Message::VerifyRequest { .. },
+                ..
+            }]
+        ));
+        assert!(matches!(
+            p.engines[0].start_verify(&1, &p.stores[0]),
+            Err(Error::VerifyInProgress(_))
+        ));
+        let bogus = Message::VerifyResponse { parts: vec![] }.encode().unwrap();
+        let o = p.engines[0].handle_message(&1, &bogus, &mut p.stores[0]);
+        assert!(o.is_empty(), "an empty answer is fine: {o:?}");
+        let r = p.engines[0].take_verify_report(&1).unwrap();
+        assert_eq!((r.complete, r.differing), (true, 0));
+        let o = p.engines[0].handle_message(&1, &bogus, &mut p.stores[0]);
+        assert!(matches!(&o[..], [Output::Disconnect { .. }]), "{o:?}");
+        assert!(matches!(
+            p.engines[0].start_verify(&1, &p.stores[0]),
+            Err(Error::PeerNotReady(_))
+        ));
     }
 }

@@ -36,9 +36,74 @@ pub const MAX_TEXT_BYTES: usize = 1024;
 pub const MAX_COLLECTIONS: usize = 256;
 /// Longest collection name in a `Hello` (bytes).
 pub const MAX_COLLECTION_NAME_BYTES: usize = 128;
+/// Most ranges in one verify request.
+pub const MAX_VERIFY_RANGES: usize = 1024;
+/// Most parts in one verify response.
+pub const MAX_VERIFY_PARTS: usize = 16_384;
+/// Most (id, heads) items in one verify response, all parts together.
+pub const MAX_VERIFY_ITEMS: usize = 65_536;
+/// Longest range bound (bytes); record ids are 26 or 36.
+pub const MAX_BOUND_BYTES: usize = 64;
 
 /// A record's heads as raw 32-byte hashes.
 pub type WireHeads = Vec<[u8; 32]>;
+
+/// A summary of the records in a range of ids: how many, and the wrapping
+/// sum of a 128-bit hash of each (id, sorted heads). Two nodes holding the
+/// same records at the same heads in a range have the same fingerprint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Records in the range.
+    pub count: u64,
+    /// Sum (mod 2^128) of each record's hash, little-endian.
+    pub sum: [u8; 16],
+}
+
+/// A range of record ids, `lo <= id < hi` in byte order of the ids; `lo`
+/// empty is the start, `hi` absent is the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// Inclusive lower bound.
+    pub lo: String,
+    /// Exclusive upper bound (`None`: no bound).
+    pub hi: Option<String>,
+}
+
+impl IdRange {
+    /// Every id.
+    pub fn all() -> IdRange {
+        IdRange {
+            lo: String::new(),
+            hi: None,
+        }
+    }
+
+    /// Whether `id` lies in the range.
+    pub fn contains(&self, id: &str) -> bool {
+        id >= self.lo.as_str() && self.hi.as_deref().is_none_or(|hi| id < hi)
+    }
+
+    /// Whether `inner` lies within this range.
+    pub fn covers(&self, inner: &IdRange) -> bool {
+        inner.lo >= self.lo
+            && match (&self.hi, &inner.hi) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(a), Some(b)) => b <= a,
+            }
+    }
+}
+
+/// What a verify responder says about one part of a range whose
+/// fingerprints differed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartSummary {
+    /// The responder's fingerprint of the part (the requester compares and
+    /// asks again where it differs).
+    Fingerprint(Fingerprint),
+    /// Every record the responder holds in the part, in id order.
+    Items(Vec<(RecordId, WireHeads)>),
+}
 
 /// One message between two sync engines.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +161,18 @@ pub enum Message {
         /// Record ids with the sender's heads.
         entries: Vec<(RecordId, WireHeads)>,
     },
+    /// Compare and repair: "here are my fingerprints of these ranges".
+    VerifyRequest {
+        /// Sorted, disjoint ranges with the requester's fingerprints.
+        ranges: Vec<(IdRange, Fingerprint)>,
+    },
+    /// Answers a verify request, for the ranges whose fingerprints differed
+    /// at the responder: each split into parts, summarized by fingerprint or
+    /// by the item list. Ranges that matched are not mentioned.
+    VerifyResponse {
+        /// Sorted, disjoint parts, each within a requested range.
+        parts: Vec<(IdRange, PartSummary)>,
+    },
 }
 
 impl Message {
@@ -109,6 +186,8 @@ impl Message {
             Message::FetchRequest { .. } => "fetch-req",
             Message::FetchResponse { .. } => "fetch-resp",
             Message::Push { .. } => "push",
+            Message::VerifyRequest { .. } => "verify-req",
+            Message::VerifyResponse { .. } => "verify-resp",
         }
     }
 
@@ -168,6 +247,42 @@ impl Message {
                 }
                 Ok(())
             }
+            Message::VerifyRequest { ranges } => {
+                if ranges.len() > MAX_VERIFY_RANGES {
+                    return Err(proto(format!(
+                        "verify request with {} ranges",
+                        ranges.len()
+                    )));
+                }
+                sorted_ranges("verify request", ranges.iter().map(|(r, _)| r))
+            }
+            Message::VerifyResponse { parts } => {
+                if parts.len() > MAX_VERIFY_PARTS {
+                    return Err(proto(format!("verify response with {} parts", parts.len())));
+                }
+                sorted_ranges("verify response", parts.iter().map(|(r, _)| r))?;
+                let mut total = 0;
+                for (range, summary) in parts {
+                    let PartSummary::Items(items) = summary else {
+                        continue;
+                    };
+                    total += items.len();
+                    if total > MAX_VERIFY_ITEMS {
+                        return Err(proto(format!("verify response with {total}+ items")));
+                    }
+                    heads_list("verify part", items, MAX_VERIFY_ITEMS)?;
+                    let mut prev: Option<&RecordId> = None;
+                    for (id, _) in items {
+                        if !range.contains(id.as_str()) || prev.is_some_and(|p| p >= id) {
+                            return Err(proto(format!(
+                                "verify part: {id} out of order or outside its range"
+                            )));
+                        }
+                        prev = Some(id);
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -199,6 +314,30 @@ impl Message {
         msg.validate()?;
         Ok(msg)
     }
+}
+
+/// Checks that ranges are well formed (bounds capped, `lo < hi`), sorted and
+/// disjoint.
+fn sorted_ranges<'a>(what: &str, ranges: impl Iterator<Item = &'a IdRange>) -> Result<()> {
+    let mut prev_hi: Option<Option<&str>> = None;
+    for r in ranges {
+        if r.lo.len() > MAX_BOUND_BYTES || r.hi.as_ref().is_some_and(|h| h.len() > MAX_BOUND_BYTES)
+        {
+            return Err(proto(format!("{what}: a range bound is too long")));
+        }
+        if r.hi.as_deref().is_some_and(|hi| hi <= r.lo.as_str()) {
+            return Err(proto(format!("{what}: an empty or inverted range")));
+        }
+        match prev_hi {
+            Some(None) => return Err(proto(format!("{what}: a range after an unbounded one"))),
+            Some(Some(h)) if r.lo.as_str() < h => {
+                return Err(proto(format!("{what}: ranges overlap or are out of order")));
+            }
+            _ => {}
+        }
+        prev_hi = Some(r.hi.as_deref());
+    }
+    Ok(())
 }
 
 /// Heads to their wire form.
@@ -251,6 +390,48 @@ mod tests {
             },
             Message::Push {
                 entries: vec![(id(5), vec![[5; 32]])],
+            },
+            Message::VerifyRequest {
+                ranges: vec![
+                    (
+                        IdRange {
+                            lo: String::new(),
+                            hi: Some(id(6).as_str().to_string()),
+                        },
+                        Fingerprint {
+                            count: 3,
+                            sum: [6; 16],
+                        },
+                    ),
+                    (
+                        IdRange {
+                            lo: id(6).as_str().to_string(),
+                            hi: None,
+                        },
+                        Fingerprint::default(),
+                    ),
+                ],
+            },
+            Message::VerifyResponse {
+                parts: vec![
+                    (
+                        IdRange {
+                            lo: String::new(),
+                            hi: Some(id(7).as_str().to_string()),
+                        },
+                        PartSummary::Items(vec![(id(6), vec![[6; 32]])]),
+                    ),
+                    (
+                        IdRange {
+                            lo: id(7).as_str().to_string(),
+                            hi: None,
+                        },
+                        PartSummary::Fingerprint(Fingerprint {
+                            count: 9,
+                            sum: [1; 16],
+                        }),
+                    ),
+                ],
             },
         ]
     }
@@ -319,6 +500,26 @@ mod tests {
         let mut huge = vec![WIRE_VERSION, 6];
         huge.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert!(Message::decode(&huge).is_err());
+        // Verify ranges must be sorted and disjoint, items inside their part.
+        let r = |lo: &str, hi: Option<&str>| IdRange {
+            lo: lo.to_string(),
+            hi: hi.map(str::to_string),
+        };
+        let overlapping = Message::VerifyRequest {
+            ranges: vec![
+                (r("", Some("b")), Fingerprint::default()),
+                (r("a", None), Fingerprint::default()),
+            ],
+        };
+        assert!(overlapping.encode().is_err());
+        let inverted = Message::VerifyRequest {
+            ranges: vec![(r("b", Some("a")), Fingerprint::default())],
+        };
+        assert!(inverted.encode().is_err());
+        let outside = Message::VerifyResponse {
+            parts: vec![(r("", Some("0")), PartSummary::Items(vec![(id(1), vec![])]))],
+        };
+        assert!(outside.encode().is_err());
         let long = Message::HelloRefused {
             reason: "x".repeat(MAX_TEXT_BYTES + 1),
         };
