@@ -1,4 +1,4 @@
-//! `entente`: the one binary. Every subcommand but `bench` and `api` talks to
+//! `entente`: the one binary. Every subcommand but `bench`, `sim` and `api` talks to
 //! a running node's HTTP API (`--node`, default `http://127.0.0.1:7070`);
 //! `api` serves that API over a local data dir without networking (the node
 //! issue's `entente serve` serves it with the network); `bench` prints the
@@ -13,6 +13,7 @@ mod bench_net;
 mod client;
 mod cmd;
 mod node_cmd;
+mod sim;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,6 +105,10 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// The deterministic network-partition simulator: real sync engines and
+    /// stores over a virtual network with faults; checks the invariants and
+    /// prints the command replaying any violation.
+    Sim(sim::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -146,6 +151,11 @@ fn main() -> ExitCode {
         Command::Bench { which } => {
             bench::run(which).map_err(|e| CliError::other(format!("{e:#}")))
         }
+        Command::Sim(args) => match sim::run_cmd(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(CliError::other("the simulation found violations")),
+            Err(e) => Err(CliError::input(format!("{e:#}"))),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

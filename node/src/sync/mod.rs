@@ -77,6 +77,20 @@ pub struct SyncConfig {
     /// Change bytes a fetch response carries before it stops (at least one
     /// change always goes, so progress is certain).
     pub fetch_budget_bytes: usize,
+    /// Test-only: a deliberately broken protocol step, so the simulator can
+    /// prove its checker notices. Always `None` outside those tests.
+    #[doc(hidden)]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Test-only protocol faults (see [`SyncConfig::planted_bug`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// A session with a peer this node has pulled from before (a reconnect)
+    /// never pulls: no pull after the handshake, no anti-entropy. Only
+    /// gossip of new writes gets through.
+    NoPullAfterReconnect,
 }
 
 impl Default for SyncConfig {
@@ -86,6 +100,7 @@ impl Default for SyncConfig {
             pull_limit: 1_000,
             fetch_batch: 500,
             fetch_budget_bytes: 4 << 20,
+            planted_bug: None,
         }
     }
 }
@@ -361,6 +376,12 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 s.remote = Some(node_id);
                 s.checkpoint = checkpoint;
                 tracing::debug!(remote = %node_id, checkpoint, "handshake done");
+                if checkpoint > 0
+                    && self.config.planted_bug == Some(PlantedBug::NoPullAfterReconnect)
+                {
+                    self.session(peer).next_pull_at = u64::MAX;
+                    return Ok(());
+                }
                 self.send_pull(peer, out);
                 Ok(())
             }
@@ -646,6 +667,7 @@ mod tests {
             pull_limit: 2,
             fetch_batch: 2,
             fetch_budget_bytes: 300,
+            planted_bug: None,
         }
     }
 
