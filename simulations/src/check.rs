@@ -115,13 +115,16 @@ pub fn convergence(sim: &mut Sim) -> Result<(), String> {
             None => reference = Some(s),
             Some(r) => {
                 if s.0 != r.0 {
-                    let first = r
-                        .0
-                        .iter()
-                        .find(|(k, v)| s.0.get(*k) != Some(*v))
-                        .map(|(k, _)| k.to_string())
-                        .or_else(|| s.0.keys().find(|k| !r.0.contains_key(*k)).map(|k| k.to_string()))
-                        .unwrap_or_default();
+                    let first =
+                        r.0.iter()
+                            .find(|(k, v)| s.0.get(*k) != Some(*v))
+                            .map(|(k, _)| k.to_string())
+                            .or_else(|| {
+                                s.0.keys()
+                                    .find(|k| !r.0.contains_key(*k))
+                                    .map(|k| k.to_string())
+                            })
+                            .unwrap_or_default();
                     return Err(format!(
                         "not converged: node {i} differs from node 0 in records ({} vs {}; first: {first})",
                         s.0.len(),
@@ -143,20 +146,31 @@ pub fn convergence(sim: &mut Sim) -> Result<(), String> {
 
 /// (2) Every acknowledged change is in every node's history.
 pub fn acknowledged(sim: &mut Sim, ledger: &Ledger) -> Result<(), String> {
+    let mut by_record: BTreeMap<&RecordId, Vec<(usize, &String)>> = BTreeMap::new();
     for (site, id, hex) in &ledger.acked {
-        let hash: ChangeHash = hex
-            .parse()
-            .map_err(|_| format!("acknowledged change `{hex}` is not a hash"))?;
-        for node in 0..sim.len() {
-            let store = sim.store(node).ok_or("a node is down")?;
+        by_record.entry(id).or_default().push((*site, hex));
+    }
+    for node in 0..sim.len() {
+        let store = sim.store(node).ok_or("a node is down")?;
+        for (id, changes) in &by_record {
             let rec = store
                 .record(id)
                 .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("record {id} written at site {site} is missing at node {node}"))?;
-            if rec.doc().get_change_meta_by_hash(&hash).is_none() {
-                return Err(format!(
-                    "acknowledged change {hex} of {id} (site {site}) lost at node {node}"
-                ));
+                .ok_or_else(|| {
+                    format!(
+                        "record {id} written at site {} is missing at node {node}",
+                        changes[0].0
+                    )
+                })?;
+            for (site, hex) in changes {
+                let hash: ChangeHash = hex
+                    .parse()
+                    .map_err(|_| format!("acknowledged change `{hex}` is not a hash"))?;
+                if rec.doc().get_change_meta_by_hash(&hash).is_none() {
+                    return Err(format!(
+                        "acknowledged change {hex} of {id} (site {site}) lost at node {node}"
+                    ));
+                }
             }
         }
     }
@@ -175,7 +189,10 @@ fn normalize(field: &str, v: &str) -> String {
 pub fn oracle(store: &mut Store, ledger: &Ledger) -> Result<(), String> {
     let schema = store.schema().clone();
     let mut records: BTreeMap<RecordId, Record> = BTreeMap::new();
-    for e in store.changes_since(0, usize::MAX).map_err(|e| e.to_string())? {
+    for e in store
+        .changes_since(0, usize::MAX)
+        .map_err(|e| e.to_string())?
+    {
         if let Some(r) = store.record(&e.id).map_err(|e| e.to_string())? {
             records.insert(e.id, r);
         }
@@ -282,9 +299,8 @@ pub fn oracle(store: &mut Store, ledger: &Ledger) -> Result<(), String> {
         }
     }
     // Dangling references.
-    let names = |c: &Collision, a: &RecordId, b: &RecordId| {
-        c.records.contains(a) && c.records.contains(b)
-    };
+    let names =
+        |c: &Collision, a: &RecordId, b: &RecordId| c.records.contains(a) && c.records.contains(b);
     for (referrer, field, target) in &dangling {
         let found = of_kind(CollisionKind::DanglingReference)
             .any(|c| names(c, referrer, target) && c.field.as_deref() == Some(field));
@@ -417,7 +433,8 @@ pub fn catch_up(
     let (messages, bytes) = after_heal.total();
     let per_rounds = pairs as u64 * (rounds + 2);
     let per_records = changed as u64 * nodes as u64;
-    let max_messages = bound.messages_per_round * per_rounds + bound.messages_per_record * per_records;
+    let max_messages =
+        bound.messages_per_round * per_rounds + bound.messages_per_record * per_records;
     let max_bytes = bound.bytes_per_round * per_rounds + bound.bytes_per_record * per_records;
     if messages > max_messages || bytes > max_bytes {
         return Err(format!(

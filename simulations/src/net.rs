@@ -138,10 +138,7 @@ pub struct Traffic {
 impl Traffic {
     /// Everything delivered: (messages, bytes).
     pub fn total(&self) -> (u64, u64) {
-        (
-            self.messages + self.gossip,
-            self.bytes + self.gossip_bytes,
-        )
+        (self.messages + self.gossip, self.bytes + self.gossip_bytes)
     }
 }
 
@@ -682,8 +679,10 @@ impl Sim {
         match msg.encode() {
             Ok(f) => Some(f.into()),
             Err(e) => {
-                self.broken
-                    .push(format!("node {node} made an unencodable {}: {e}", msg.kind()));
+                self.broken.push(format!(
+                    "node {node} made an unencodable {}: {e}",
+                    msg.kind()
+                ));
                 None
             }
         }

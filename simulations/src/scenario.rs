@@ -191,7 +191,11 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
     let mut rng = Rng::new(seed ^ 0x7363_656e_6172_696f);
     let drawn = scenario.nodes(&mut rng);
     let n = opts.nodes.unwrap_or(drawn).max(2);
-    let n = if scenario == Scenario::MultiHopLine { n.max(3) } else { n };
+    let n = if scenario == Scenario::MultiHopLine {
+        n.max(3)
+    } else {
+        n
+    };
     let storage = if scenario == Scenario::CrashRestart {
         Storage::Rocks
     } else {

@@ -157,9 +157,7 @@ impl Workload {
             );
         }
         sim.set_clock(site);
-        let r = sim
-            .store(site)?
-            .create("contacts", None, &f, force);
+        let r = sim.store(site)?.create("contacts", None, &f, force);
         let id = self.commit(sim, site, format_args!("create {email:?} force={force}"), r)?;
         self.contacts.push(id.clone());
         Some(id)
@@ -338,7 +336,8 @@ impl Workload {
                     let value = if key == "email" {
                         format!("fresh{}-{site}@example.org", self.fresh)
                     } else if key == "contact_number" {
-                        req.set.insert("number".into(), json!(format!("+1 {}", self.fresh)));
+                        req.set
+                            .insert("number".into(), json!(format!("+1 {}", self.fresh)));
                         String::new()
                     } else {
                         format!("fresh{}-{site}", self.fresh)

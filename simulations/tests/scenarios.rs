@@ -8,13 +8,20 @@ use entente_sim::net::{NetOptions, Sim, Storage};
 use entente_sim::workload::Workload;
 use entente_sim::{RunOptions, Scenario, run};
 
-/// Seeds per scenario in the ordinary test run (8 scenarios).
-const SEEDS: u64 = 125;
+/// Seeds per scenario: 125 (x 8 scenarios = 1,000 seeds of 500 operations),
+/// or `ENTENTE_SIM_SEEDS` per scenario for a quicker local run.
+fn seeds() -> u64 {
+    std::env::var("ENTENTE_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(125)
+}
 
 fn run_seeds(scenario: Scenario) {
     let opts = RunOptions::default();
+    let seeds = seeds();
     let (mut acked, mut refused, mut constructed, mut resolutions) = (0, 0, 0, 0);
-    for seed in 0..SEEDS {
+    for seed in 0..seeds {
         match run(scenario, seed, &opts) {
             Ok(o) => {
                 assert!(o.traffic.messages > 0, "{scenario} seed {seed}: no traffic");
@@ -28,7 +35,7 @@ fn run_seeds(scenario: Scenario) {
     }
     // The workload really wrote, hit refusals, settled collisions and built
     // the situations the oracle expects.
-    assert!(acked as u64 >= SEEDS * 200, "{acked} writes acknowledged");
+    assert!(acked as u64 >= seeds * 200, "{acked} writes acknowledged");
     assert!(refused > 0, "nothing was refused");
     assert!(resolutions > 0, "no collision was resolved");
     assert!(constructed > 0, "no situation was constructed");
@@ -162,7 +169,9 @@ fn a_line_never_links_its_ends_and_relays() {
     }
     sim.run_for(1_000);
     let mut w = Workload::new(5, 10);
-    let id = w.create_contact(&mut sim, 0, "line@example.org", false).unwrap();
+    let id = w
+        .create_contact(&mut sim, 0, "line@example.org", false)
+        .unwrap();
     sim.run_for(5_000);
     let peers = |sim: &Sim, i: usize| -> Vec<usize> {
         sim.engine(i)
@@ -188,13 +197,21 @@ fn a_crashed_node_keeps_its_acknowledged_writes_in_rocksdb() {
     let mut w = Workload::new(11, 10);
     // Node 1 is cut off, writes, crashes before anything left it.
     sim.block(1, 0);
-    let id = w.create_contact(&mut sim, 1, "crash@example.org", false).unwrap();
+    let id = w
+        .create_contact(&mut sim, 1, "crash@example.org", false)
+        .unwrap();
     sim.crash_restart(1, 300);
     assert!(!sim.is_up(1));
     sim.run_for(400);
     assert!(sim.is_up(1), "restarted");
-    assert!(sim.store(1).unwrap().get(&id).unwrap().is_some(), "kept on disk");
+    assert!(
+        sim.store(1).unwrap().get(&id).unwrap().is_some(),
+        "kept on disk"
+    );
     sim.heal();
     sim.run_for(6_000);
-    assert!(sim.store(0).unwrap().get(&id).unwrap().is_some(), "and sent after");
+    assert!(
+        sim.store(0).unwrap().get(&id).unwrap().is_some(),
+        "and sent after"
+    );
 }

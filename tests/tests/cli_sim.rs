@@ -24,7 +24,10 @@ fn a_few_seeds_pass_with_the_summary_last() {
     let (ok, stdout, stderr) = sim(&["--seeds", "8", "--ops", "60"]);
     assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
     let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("seeds 8, simulated operations "), "{stdout}");
+    assert!(
+        last.starts_with("seeds 8, simulated operations "),
+        "{stdout}"
+    );
     assert!(last.contains("ops/s"), "{last}");
     assert!(last.ends_with("violations 0"), "{last}");
 }
@@ -43,10 +46,7 @@ fn a_planted_bug_fails_with_the_replay_command() {
     ]);
     assert!(!ok, "{stdout}");
     assert!(stdout.contains("VIOLATION seed "), "{stdout}");
-    assert!(
-        stdout.contains("replay: entente sim --seed "),
-        "{stdout}"
-    );
+    assert!(stdout.contains("replay: entente sim --seed "), "{stdout}");
     let last = stdout.lines().last().unwrap_or_default();
     assert!(last.starts_with("seeds 4,"), "{last}");
     assert!(!last.ends_with("violations 0"), "{last}");
@@ -54,7 +54,15 @@ fn a_planted_bug_fails_with_the_replay_command() {
 
 #[test]
 fn one_seed_replays_with_its_trace() {
-    let args = ["--seed", "3", "--scenario", "crash-restart", "--ops", "40", "--trace"];
+    let args = [
+        "--seed",
+        "3",
+        "--scenario",
+        "crash-restart",
+        "--ops",
+        "40",
+        "--trace",
+    ];
     let (ok, a, stderr) = sim(&args);
     assert!(ok, "{a}\n{stderr}");
     assert!(a.contains(" crash ") || a.contains(" start "), "{a}");
