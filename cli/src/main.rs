@@ -1,9 +1,10 @@
 //! `entente`: the one binary. `init` makes a data dir and `serve` runs a node
 //! (replication over libp2p and the HTTP API); `demo` runs three sites in one
-//! process; every other subcommand but `bench` and `api` talks to a running
-//! node's HTTP API (`--node`, default `http://127.0.0.1:7070`); `api` serves
-//! that API over a local data dir without networking (development and
-//! tests); `bench` prints the figures recorded in BENCHMARKS.md.
+//! process; `sim` runs the deterministic network simulator; every other
+//! subcommand but `bench` and `api` talks to a running node's HTTP API
+//! (`--node`, default `http://127.0.0.1:7070`); `api` serves that API over a
+//! local data dir without networking (development and tests); `bench` prints
+//! the figures recorded in BENCHMARKS.md.
 //!
 //! One module per command group, dispatched from [`Command`]; each command
 //! prints a readable table, or with `--json` the JSON the API answered.
@@ -17,6 +18,7 @@ mod client;
 mod cmd;
 mod demo;
 mod node_cmd;
+mod sim;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,6 +120,10 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// The deterministic network-partition simulator: real sync engines and
+    /// stores over a virtual network with faults; checks the invariants and
+    /// prints the command replaying any violation.
+    Sim(sim::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -162,6 +168,11 @@ fn main() -> ExitCode {
         Command::Bench { which } => {
             bench::run(which).map_err(|e| CliError::other(format!("{e:#}")))
         }
+        Command::Sim(args) => match sim::run_cmd(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(CliError::other("the simulation found violations")),
+            Err(e) => Err(CliError::input(format!("{e:#}"))),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,6 +26,7 @@ fn config(collections: &[&str]) -> SyncConfig {
         fetch_batch: 2,
         fetch_budget_bytes: 4096,
         collections: collections.iter().map(|c| c.to_string()).collect(),
+        ..SyncConfig::default()
     }
 }
 

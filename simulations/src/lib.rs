@@ -1,26 +1,66 @@
 //! # entente-sim
 //!
-//! The multi-replica harness the network-partition simulator (issue #4) grows
-//! from. Today it holds several real stores (each a site with its own node id
-//! and clock), moves Automerge changes between them in an order drawn from one
-//! seed, and checks from the outside that they converged: identical records
-//! (heads and fields) and identical collision sets (ids and contents).
+//! The deterministic network-partition simulator (issue #4). It runs several
+//! Entente nodes — each the **real** sans-I/O [`SyncEngine`] of
+//! `entente-node` over a **real** `Store` (in memory, or RocksDB in a
+//! temporary directory) — over a virtual network and a virtual clock, breaks
+//! the network in the ways real networks break, lets a workload write at
+//! every site meanwhile, heals everything, and then checks from the outside
+//! that nothing went wrong. Every random choice — latencies, losses, faults,
+//! the workload, record ids, tokens — comes from one seed, so a seed replays
+//! byte for byte, and a failure names its seed and the command replaying it
+//! (`entente sim --seed S --scenario NAME --ops M`).
 //!
-//! All randomness comes from the seed given to [`Replicas::new`]; a failed
-//! check names that seed.
+//! One run ([`run`]) goes: start the nodes of the scenario's topology (a
+//! full mesh, a line, or a random connected graph); a connected warm-up (a
+//! fifth of the operations); the fault phase (the rest of the operations,
+//! with the scenario's faults and constructed collisions between them); the
+//! heal (partitions and blocks end, crashed and late nodes start); a
+//! settling time; the checks.
 //!
-//! [`net`] is the network-partition simulator on top: the real sync engines
-//! of `entente-node` over these stores, a virtual clock and FIFO links that
-//! are cut and healed, named scenarios, and the same checks after healing.
+//! - [`net`]: the network — connections that deliver in order or break (as
+//!   TCP does; a blocked direction stalls, then breaks after a keepalive
+//!   timeout), gossip on its own lossy path (loss, duplication, reordering),
+//!   partitions into arbitrary groups, one-way links, flapping, crash and
+//!   restart of a node (engine and frames in flight lost, store kept), a
+//!   late joiner with an empty store, and the trace with its digest.
+//! - [`workload`]: the writes — creates, edits of random fields at several
+//!   sites, deletes, restores, duplicate e-mails at different sites,
+//!   children referring to contacts being deleted, resolutions of open
+//!   collisions — and situations constructed so the generator knows which
+//!   collisions it caused.
+//! - [`check`]: the five invariants (convergence; no acknowledged write lost;
+//!   exactly the collisions the workload caused, by an oracle independent of
+//!   the store's detection code — its module docs say precisely what it
+//!   covers; catch-up work proportional to divergence; no deleted record
+//!   silently comes back).
+//! - [`scenario`]: the named scenarios (`partition-heal`, `flapping-links`,
+//!   `crash-restart`, `late-joiner`, `multi-hop-line`, `duplicate-storm`,
+//!   `delete-vs-edit`, `random`) and the runner.
+//!
+//! The checker has teeth: the engine's test-only
+//! `SyncConfig::planted_bug` (never pull after a reconnect) makes runs fail
+//! with their seed, as do a partition that never heals and a catch-up bound
+//! set too tight (see `tests/scenarios.rs`).
+//!
+//! [`Replicas`] is the simpler harness underneath some store tests: several
+//! in-memory stores exchanging changes directly in a seeded order, with the
+//! same convergence check.
+//!
+//! [`SyncEngine`]: entente_node::sync::SyncEngine
 
+pub mod check;
 pub mod net;
+pub mod scenario;
+pub mod workload;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use entente_model::{NodeId, RecordId, Schema};
-use entente_node::{ApplyReport, CollisionFilter, ManualClock, Store};
+use entente_model::{NodeId, Schema};
+use entente_node::{ApplyReport, ManualClock, Store};
+
+pub use scenario::{Outcome, RunOptions, Scenario, run};
 
 /// SplitMix64: small, seedable, good enough to order deliveries.
 #[derive(Debug, Clone)]
@@ -62,11 +102,17 @@ pub struct Violation {
     pub seed: u64,
     /// What differs.
     pub what: String,
+    /// The command that replays it, when a scenario run found it.
+    pub replay: Option<String>,
 }
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "seed {}: {}", self.seed, self.what)
+        write!(f, "seed {}: {}", self.seed, self.what)?;
+        if let Some(r) = &self.replay {
+            write!(f, "\n  replay: {r}")?;
+        }
+        Ok(())
     }
 }
 
@@ -150,38 +196,20 @@ impl Replicas {
         Ok(())
     }
 
-    /// Every site's records (id → heads and fields as JSON) and collisions
-    /// (id → JSON), for comparison.
-    pub fn state(
-        &mut self,
-        site: usize,
-    ) -> entente_node::Result<(BTreeMap<RecordId, String>, BTreeMap<String, String>)> {
-        let store = &mut self.stores[site];
-        let mut records = BTreeMap::new();
-        for e in store.changes_since(0, usize::MAX)? {
-            let rec = store.record(&e.id)?.expect("feed names stored records");
-            let fields = serde_json::to_string(&rec.fields_json(store.schema())).expect("json");
-            let heads = entente_model::record::heads_to_hex(&rec.heads()).join(",");
-            records.insert(
-                e.id,
-                format!("deleted={} heads={heads} fields={fields}", rec.is_deleted()),
-            );
-        }
-        let collisions = store
-            .collisions(&CollisionFilter {
-                include_resolved: true,
-                ..Default::default()
-            })?
-            .into_iter()
-            .map(|c| (c.id.to_string(), serde_json::to_string(&c).expect("json")))
-            .collect();
-        Ok((records, collisions))
+    /// Every site's records (id -> deleted, heads and fields) and
+    /// collisions (id -> JSON), for comparison.
+    pub fn state(&mut self, site: usize) -> entente_node::Result<check::State> {
+        check::state(&mut self.stores[site])
     }
 
     /// Checks that every site holds the same records and collisions as site 0.
     pub fn check_converged(&mut self) -> Result<(), Violation> {
         let seed = self.seed;
-        let err = |what: String| Violation { seed, what };
+        let err = |what: String| Violation {
+            seed,
+            what,
+            replay: None,
+        };
         let reference = self.state(0).map_err(|e| err(e.to_string()))?;
         for site in 1..self.stores.len() {
             let other = self.state(site).map_err(|e| err(e.to_string()))?;

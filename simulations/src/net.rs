@@ -1,81 +1,87 @@
-//! The deterministic network simulator: N real [`SyncEngine`]s over real
-//! (memory) stores, a virtual clock, and FIFO links with seeded latency that
-//! can be cut (partition) and healed.
+//! The virtual network: N nodes, each a real [`SyncEngine`] over a real
+//! [`Store`] (in memory, or RocksDB in a temporary directory), a virtual
+//! clock, and the faults of issue #4. [`Sim`] decides nothing about the
+//! protocol: [`Sim::apply`] carries out the engines' outputs, in order.
 //!
-//! One event queue, ordered by (virtual time, insertion number), holds frame
-//! deliveries and node ticks. A link keeps, per direction, the time of its
-//! last delivery, so frames on one connection arrive in order, as on TCP or
-//! QUIC. Cutting a link bumps its epoch: frames still in flight on the old
-//! connection are dropped, and both engines hear `peer_disconnected`; healing
-//! opens a new connection (`peer_connected` on both sides).
+//! ## What a connection is
 //!
-//! [`Sim::apply`] is the driver's one thin function: it carries out the
-//! engine's outputs and decides nothing. Every event is written to a trace
-//! whose digest (FNV-1a) must be the same for the same seed.
+//! A pair of nodes the topology allows may hold one connection. A connection
+//! delivers frames in order, each after a latency drawn from the seed
+//! (uniform between [`NetOptions::latency_ms_min`] and `latency_ms_max`,
+//! plus, for a few frames, a long tail), never faster than the frame before
+//! it on the same direction — or it breaks, as TCP or QUIC do:
 //!
-//! After the faults stop and the network heals, [`Sim::check`] asks, from
-//! outside the system: did every node converge (records and collisions), was
-//! any acknowledged write lost, did any session break the protocol?
+//! - a frame whose direction is blocked when it should arrive (a partition,
+//!   a one-way link) is lost, and from then on nothing more is delivered on
+//!   that direction (no gap may be skipped); the connection *stalls* and
+//!   breaks [`NetOptions::break_after_ms`] later (a keepalive timeout), even
+//!   if the path came back meanwhile. Both engines then hear
+//!   `peer_disconnected`.
+//! - a crashed node's connections break at once (its peers see a reset).
+//! - a connection idle across a short partition survives, as TCP does.
+//!
+//! A broken pair is redialed every [`NetOptions::redial_ms`]; the dial
+//! succeeds only if both directions are open (a handshake needs both).
+//!
+//! ## Gossip
+//!
+//! [`Output::Broadcast`] (a push of record ids and heads) does not travel on
+//! the connections: it takes its own lossy path, as gossipsub does. Each copy
+//! has its own latency (so copies reorder, also relative to connection
+//! frames), is lost with probability [`NetOptions::gossip_loss_permille`]
+//! and duplicated with `gossip_dup_permille`. Like the runtime, a node hands
+//! a push to its engine only from a peer whose handshake is done.
+//!
+//! ## Nodes
+//!
+//! Nodes can crash (engine state and frames in flight lost, store kept) and
+//! restart (the store reopened: RocksDB from its directory, or the same
+//! in-memory key-value map under a new `Store`), and a node can join late
+//! with an empty store. A crash drops the `Store` as a killed process would:
+//! RocksDB's write-ahead log has every acknowledged batch (the simulator
+//! does not model a power loss, so stores skip the fsync for speed).
+//!
+//! Every event goes into a trace; its digest (FNV-1a) must be the same for
+//! the same seed, byte for byte.
 
-use std::collections::BTreeMap;
-use std::fmt;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use entente_model::RecordId;
-use entente_model::automerge::ChangeHash;
-use entente_node::sync::{Output, SyncConfig, SyncEngine};
-use serde_json::json;
+use entente_model::{NodeId, RecordId, Schema};
+use entente_node::store::MemKv;
+use entente_node::sync::{Message, Output, SyncConfig, SyncEngine};
+use entente_node::{ManualClock, Store, StoreOptions};
 
-use crate::{Replicas, Rng, Violation};
+use crate::Rng;
 
 /// Virtual epoch the stores' clocks start at (ms since the Unix epoch).
-const EPOCH_MS: i64 = 1_700_000_000_000;
+pub const EPOCH_MS: i64 = 1_700_000_000_000;
 
-/// Named scenarios.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scenario {
-    /// 3–5 fully linked nodes split into two random groups, written to on
-    /// both sides, then healed.
-    PartitionHeal,
-    /// A–B–C in a line (A and C never linked); one link is cut while every
-    /// node writes, then healed: A's writes reach C only through B.
-    MultiHopLine,
-}
-
-impl Scenario {
-    /// Every scenario.
-    pub const ALL: [Scenario; 2] = [Scenario::PartitionHeal, Scenario::MultiHopLine];
-
-    /// The scenario's name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Scenario::PartitionHeal => "partition-heal",
-            Scenario::MultiHopLine => "multi-hop-line",
-        }
-    }
-
-    /// The scenario called `name`.
-    pub fn parse(name: &str) -> Option<Scenario> {
-        Scenario::ALL.into_iter().find(|s| s.name() == name)
-    }
-}
-
-/// Fault and workload knobs, in one place.
+/// Network and timing knobs.
 #[derive(Debug, Clone)]
 pub struct NetOptions {
-    /// Shortest one-way latency (ms).
+    /// Shortest one-way latency of a connection frame (ms).
     pub latency_ms_min: u64,
-    /// Longest one-way latency (ms).
+    /// Longest ordinary one-way latency (ms).
     pub latency_ms_max: u64,
+    /// Frames (per mille) that take the long tail instead.
+    pub latency_tail_permille: u64,
+    /// Extra latency of a tail frame, at most (ms).
+    pub latency_tail_ms: u64,
+    /// Gossip copies lost (per mille).
+    pub gossip_loss_permille: u64,
+    /// Gossip copies delivered twice (per mille).
+    pub gossip_dup_permille: u64,
+    /// Longest gossip latency (ms).
+    pub gossip_latency_ms_max: u64,
+    /// A stalled connection breaks after this long (ms).
+    pub break_after_ms: u64,
+    /// A broken pair is redialed this often (ms).
+    pub redial_ms: u64,
     /// How often each node ticks (ms).
     pub tick_ms: u64,
-    /// Writes made while the network is partitioned.
-    pub ops: usize,
-    /// Longest virtual pause between two writes (ms).
-    pub op_gap_ms_max: u64,
-    /// Virtual time allowed after healing for the nodes to converge (ms).
-    pub settle_ms: u64,
-    /// Test-only fault: never heal the partition (the checker must notice).
-    pub never_heal: bool,
     /// Keep the trace lines (not only their digest).
     pub keep_trace: bool,
     /// The engines' knobs.
@@ -86,17 +92,20 @@ impl Default for NetOptions {
     fn default() -> Self {
         NetOptions {
             latency_ms_min: 1,
-            latency_ms_max: 80,
+            latency_ms_max: 40,
+            latency_tail_permille: 20,
+            latency_tail_ms: 400,
+            gossip_loss_permille: 150,
+            gossip_dup_permille: 50,
+            gossip_latency_ms_max: 120,
+            break_after_ms: 800,
+            redial_ms: 300,
             tick_ms: 100,
-            ops: 20,
-            op_gap_ms_max: 200,
-            settle_ms: 6_000,
-            never_heal: false,
             keep_trace: false,
             sync: SyncConfig {
-                pull_interval_ms: 3_000,
-                pull_limit: 8,
-                fetch_batch: 4,
+                pull_interval_ms: 2_000,
+                pull_limit: 16,
+                fetch_batch: 8,
                 fetch_budget_bytes: 64 << 10,
                 ..SyncConfig::default()
             },
@@ -104,21 +113,33 @@ impl Default for NetOptions {
     }
 }
 
-/// What one run did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    /// Digest of the event trace.
-    pub digest: u64,
-    /// The trace lines (with [`NetOptions::keep_trace`]).
-    pub trace: Vec<String>,
-    /// Frames delivered.
+/// Where a node keeps its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// In-memory key-value maps (kept across a crash, as a disk would be).
+    Memory,
+    /// RocksDB in a temporary directory.
+    Rocks,
+}
+
+/// Traffic counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Connection frames delivered.
     pub messages: u64,
-    /// Bytes of frames delivered.
+    /// Bytes of connection frames delivered.
     pub bytes: u64,
-    /// Writes acknowledged.
-    pub acked: usize,
-    /// Writes refused (e.g. an unforced duplicate e-mail).
-    pub refused: usize,
+    /// Gossip copies delivered to an engine.
+    pub gossip: u64,
+    /// Bytes of gossip delivered.
+    pub gossip_bytes: u64,
+}
+
+impl Traffic {
+    /// Everything delivered: (messages, bytes).
+    pub fn total(&self) -> (u64, u64) {
+        (self.messages + self.gossip, self.bytes + self.gossip_bytes)
+    }
 }
 
 #[derive(Debug)]
@@ -127,9 +148,17 @@ enum Event {
         from: usize,
         to: usize,
         epoch: u64,
-        frame: Vec<u8>,
+        frame: Arc<[u8]>,
     },
-    Tick(usize),
+    Gossip {
+        from: usize,
+        to: usize,
+        frame: Arc<[u8]>,
+    },
+    Tick(usize, u64),
+    Break(usize, usize, u64),
+    Dial(usize, usize),
+    Restart(usize),
 }
 
 #[derive(Debug, Default)]
@@ -138,181 +167,300 @@ struct Link {
     epoch: u64,
     /// Time of the last scheduled delivery, per direction (low→high, high→low).
     last_at: [u64; 2],
+    /// A frame was lost on this direction: nothing more gets through.
+    dead: [bool; 2],
+    /// A break is scheduled for this epoch.
+    breaking: bool,
+    /// A dial is scheduled.
+    dialing: bool,
+}
+
+enum Backing {
+    Memory(Arc<MemKv>),
+    Rocks(PathBuf),
+}
+
+struct Node {
+    store: Option<Store>,
+    engine: Option<SyncEngine<usize>>,
+    clock: Arc<ManualClock>,
+    backing: Backing,
+    incarnation: u64,
 }
 
 /// One simulated cluster.
 pub struct Sim {
-    /// The stores (and the convergence checker).
-    pub replicas: Replicas,
-    engines: Vec<SyncEngine<usize>>,
+    seed: u64,
+    schema: Arc<Schema>,
+    nodes: Vec<Node>,
     opts: NetOptions,
     rng: Rng,
     now: u64,
     queue: BTreeMap<(u64, u64), Event>,
     next_event: u64,
-    /// Links by (low, high) node index; pairs absent here are never linked.
+    topology: BTreeSet<(usize, usize)>,
     links: BTreeMap<(usize, usize), Link>,
-    acked: Vec<(usize, RecordId, String)>,
-    refused: usize,
+    group: Vec<u32>,
+    blocked: BTreeSet<(usize, usize)>,
     broken: Vec<String>,
     digest: u64,
     trace: Vec<String>,
-    messages: u64,
-    bytes: u64,
+    line: String,
+    traffic: Traffic,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl fmt::Debug for Sim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sim")
-            .field("seed", &self.replicas.seed())
+            .field("seed", &self.seed)
             .field("now", &self.now)
-            .field("nodes", &self.engines.len())
+            .field("nodes", &self.nodes.len())
             .finish()
     }
 }
 
 impl Sim {
-    /// `n` nodes, no links yet.
-    pub fn new(n: usize, seed: u64, opts: NetOptions) -> Sim {
-        let replicas = Replicas::new(n, seed);
-        let engines = replicas
-            .stores
-            .iter()
-            .map(|s| SyncEngine::new(s, opts.sync.clone()).expect("valid sync options"))
+    /// `n` nodes (node ids `[1;16]`, `[2;16]`, …), none started, no links.
+    pub fn new(n: usize, seed: u64, storage: Storage, opts: NetOptions) -> std::io::Result<Sim> {
+        let schema = Arc::new(Schema::default_crm());
+        let dir = match storage {
+            Storage::Memory => None,
+            Storage::Rocks => Some(tempfile::Builder::new().prefix("entente-sim").tempdir()?),
+        };
+        let nodes = (0..n)
+            .map(|i| Node {
+                store: None,
+                engine: None,
+                clock: Arc::new(ManualClock::new(EPOCH_MS, seed.wrapping_add(i as u64))),
+                backing: match &dir {
+                    None => Backing::Memory(Arc::new(MemKv::new())),
+                    Some(d) => Backing::Rocks(d.path().join(format!("node{i}"))),
+                },
+                incarnation: 0,
+            })
             .collect();
-        let mut sim = Sim {
-            replicas,
-            engines,
+        Ok(Sim {
+            seed,
+            schema,
+            nodes,
             opts,
             rng: Rng::new(seed ^ 0x6e65_7477_6f72_6b21),
             now: 0,
             queue: BTreeMap::new(),
             next_event: 0,
+            topology: BTreeSet::new(),
             links: BTreeMap::new(),
-            acked: Vec::new(),
-            refused: 0,
+            group: vec![0; n],
+            blocked: BTreeSet::new(),
             broken: Vec::new(),
             digest: 0xcbf2_9ce4_8422_2325,
             trace: Vec::new(),
-            messages: 0,
-            bytes: 0,
-        };
-        for i in 0..n {
-            let phase = sim.rng.below(sim.opts.tick_ms as usize) as u64;
-            sim.schedule(phase, Event::Tick(i));
-        }
-        sim
+            line: String::new(),
+            traffic: Traffic::default(),
+            _dir: dir,
+        })
     }
 
-    /// Runs `scenario` for `seed`: the workload, the faults, the healing and
-    /// the settling time, then the checks.
-    pub fn run(scenario: Scenario, seed: u64, opts: NetOptions) -> Result<Outcome, Violation> {
-        let mut rng = Rng::new(seed ^ 0x7363_656e_6172_696f);
-        let (n, links): (usize, Vec<(usize, usize)>) = match scenario {
-            Scenario::PartitionHeal => {
-                let n = 3 + rng.below(3);
-                let all = (0..n)
-                    .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
-                    .collect();
-                (n, all)
-            }
-            Scenario::MultiHopLine => (3, vec![(0, 1), (1, 2)]),
-        };
-        let mut sim = Sim::new(n, seed, opts);
-        for &(a, b) in &links {
-            sim.link_up(a, b);
-        }
-        // Connected warm-up: a few records everyone gets.
-        for _ in 0..3 {
-            let site = rng.below(n);
-            sim.write(site, 0);
-            sim.run_for(rng.below(300) as u64);
-        }
-        sim.run_for(2_000);
-        // The partition.
-        let cut: Vec<(usize, usize)> = match scenario {
-            Scenario::PartitionHeal => {
-                let mut side: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
-                side[0] = true;
-                side[1 + rng.below(n - 1)] = false;
-                links
-                    .iter()
-                    .copied()
-                    .filter(|&(a, b)| side[a] != side[b])
-                    .collect()
-            }
-            Scenario::MultiHopLine => vec![links[rng.below(2)]],
-        };
-        for &(a, b) in &cut {
-            sim.link_down(a, b);
-        }
-        for _ in 0..sim.opts.ops {
-            let site = rng.below(n);
-            let kind = rng.below(10);
-            sim.write(site, kind);
-            let gap = rng.below(sim.opts.op_gap_ms_max as usize + 1) as u64;
-            sim.run_for(gap);
-        }
-        if !sim.opts.never_heal {
-            for &(a, b) in &cut {
-                sim.link_up(a, b);
-            }
-        }
-        let settle = sim.opts.settle_ms;
-        sim.run_for(settle);
-        sim.check()?;
-        Ok(sim.outcome())
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
-    /// The run's counters and trace digest.
-    pub fn outcome(&self) -> Outcome {
-        Outcome {
-            digest: self.digest,
-            trace: self.trace.clone(),
-            messages: self.messages,
-            bytes: self.bytes,
-            acked: self.acked.len(),
-            refused: self.refused,
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Virtual time (ms since the start).
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Frames and bytes delivered so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+
+    /// Protocol breaks seen (sessions an engine closed).
+    pub fn broken(&self) -> &[String] {
+        &self.broken
+    }
+
+    /// The trace digest so far.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// The trace lines (with [`NetOptions::keep_trace`]).
+    pub fn trace(&self) -> &[String] {
+        &self.trace
+    }
+
+    /// Whether node `i` is running.
+    pub fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].engine.is_some()
+    }
+
+    /// Whether node `i` has ever been started (a late joiner has not).
+    pub fn has_started(&self, i: usize) -> bool {
+        self.nodes[i].incarnation > 0
+    }
+
+    /// Node `i`'s store (`None` while it is down).
+    pub fn store(&mut self, i: usize) -> Option<&mut Store> {
+        self.nodes[i].store.as_mut()
+    }
+
+    /// Node `i`'s engine (`None` while it is down).
+    pub fn engine(&self, i: usize) -> Option<&SyncEngine<usize>> {
+        self.nodes[i].engine.as_ref()
+    }
+
+    /// Starts (or restarts) node `i`: opens its store (empty the first
+    /// time), makes a fresh engine, starts its ticks and dials its peers.
+    pub fn start(&mut self, i: usize) {
+        if self.is_up(i) {
+            return;
+        }
+        let node = &mut self.nodes[i];
+        let id = NodeId([i as u8 + 1; 16]);
+        node.clock.set(EPOCH_MS + self.now as i64);
+        let store = match &node.backing {
+            Backing::Memory(kv) => Store::with_kv(
+                kv.clone(),
+                self.schema.clone(),
+                id,
+                node.clock.clone(),
+                StoreOptions::default(),
+            ),
+            Backing::Rocks(path) => Store::open(
+                path,
+                self.schema.clone(),
+                id,
+                node.clock.clone(),
+                StoreOptions {
+                    sync: false,
+                    ..StoreOptions::default()
+                },
+            ),
+        }
+        .expect("the simulated node's store opens");
+        let engine = SyncEngine::new(&store, self.opts.sync.clone()).expect("valid sync options");
+        node.store = Some(store);
+        node.engine = Some(engine);
+        node.incarnation += 1;
+        let inc = node.incarnation;
+        self.log(format_args!("start {i} incarnation {inc}"));
+        let phase = self.rng.below(self.opts.tick_ms as usize) as u64;
+        self.schedule(self.now + phase, Event::Tick(i, inc));
+        let pairs: Vec<(usize, usize)> = self
+            .topology
+            .iter()
+            .copied()
+            .filter(|&(a, b)| a == i || b == i)
+            .collect();
+        for (a, b) in pairs {
+            self.dial_later(a, b, 0);
         }
     }
 
-    /// The engine of node `i` (for assertions about its sessions).
-    pub fn engine(&self, i: usize) -> &SyncEngine<usize> {
-        &self.engines[i]
+    /// Crashes node `i`: its engine and the frames in flight to and from it
+    /// are lost, its connections break at once; its store stays on "disk".
+    pub fn crash(&mut self, i: usize) {
+        if !self.is_up(i) {
+            return;
+        }
+        self.log(format_args!("crash {i}"));
+        let pairs: Vec<(usize, usize)> = self
+            .links
+            .iter()
+            .filter(|(k, l)| l.up && (k.0 == i || k.1 == i))
+            .map(|(k, _)| *k)
+            .collect();
+        for (a, b) in pairs {
+            self.link_down(a, b);
+        }
+        let node = &mut self.nodes[i];
+        node.engine = None;
+        node.store = None;
     }
 
-    /// The checks: no session broke the protocol, every node converged
-    /// (records and collisions), every acknowledged write is in every node's
-    /// history. (Engines are not required to be idle: anti-entropy pulls go
-    /// on forever.)
-    pub fn check(&mut self) -> Result<(), Violation> {
-        let seed = self.replicas.seed();
-        let err = |what: String| Violation { seed, what };
-        if let Some(b) = self.broken.first() {
-            return Err(err(format!("a session broke: {b}")));
+    /// Crashes node `i` now and restarts it after `after_ms`.
+    pub fn crash_restart(&mut self, i: usize, after_ms: u64) {
+        if !self.is_up(i) {
+            return;
         }
-        self.replicas.check_converged()?;
-        for (site, id, hex) in &self.acked {
-            let hash: ChangeHash = hex
-                .parse()
-                .map_err(|_| err(format!("acknowledged change `{hex}` is not a hash")))?;
-            for (node, store) in self.replicas.stores.iter_mut().enumerate() {
-                let rec = store
-                    .record(id)
-                    .map_err(|e| err(e.to_string()))?
-                    .ok_or_else(|| {
-                        err(format!(
-                            "record {id} written at site {site} is missing at node {node}"
-                        ))
-                    })?;
-                if rec.doc().get_change_meta_by_hash(&hash).is_none() {
-                    return Err(err(format!(
-                        "acknowledged change {hex} of {id} (site {site}) lost at node {node}"
-                    )));
-                }
+        self.crash(i);
+        self.schedule(self.now + after_ms, Event::Restart(i));
+    }
+
+    /// Allows `a` and `b` to connect (they dial each other from now on).
+    pub fn add_link(&mut self, a: usize, b: usize) {
+        let k = key(a, b);
+        if self.topology.insert(k) {
+            self.links.entry(k).or_default();
+            self.dial_later(k.0, k.1, 0);
+        }
+    }
+
+    /// Every pair may connect.
+    pub fn full_mesh(&mut self) {
+        let n = self.nodes.len();
+        for a in 0..n {
+            for b in a + 1..n {
+                self.add_link(a, b);
             }
         }
-        Ok(())
+    }
+
+    /// The pairs that may connect.
+    pub fn topology(&self) -> Vec<(usize, usize)> {
+        self.topology.iter().copied().collect()
+    }
+
+    /// Splits the nodes into groups (`groups[i]` is node `i`'s group): no
+    /// frame crosses between groups until [`Sim::heal`].
+    pub fn partition(&mut self, groups: &[u32]) {
+        self.group = groups.to_vec();
+        self.log(format_args!("partition {groups:?}"));
+    }
+
+    /// Blocks the direction `from → to` (a one-way link).
+    pub fn block(&mut self, from: usize, to: usize) {
+        if self.blocked.insert((from, to)) {
+            self.log(format_args!("block {from}->{to}"));
+        }
+    }
+
+    /// Opens the direction `from → to` again.
+    pub fn unblock(&mut self, from: usize, to: usize) {
+        if self.blocked.remove(&(from, to)) {
+            self.log(format_args!("unblock {from}->{to}"));
+        }
+    }
+
+    /// Ends every partition and block and starts every node that is down.
+    pub fn heal(&mut self) {
+        self.log(format_args!("heal"));
+        self.group = vec![0; self.nodes.len()];
+        self.blocked.clear();
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
+    /// Whether a frame from `from` can reach `to` now.
+    pub fn reachable(&self, from: usize, to: usize) -> bool {
+        self.is_up(from)
+            && self.is_up(to)
+            && self.group[from] == self.group[to]
+            && !self.blocked.contains(&(from, to))
     }
 
     /// Processes every event up to `now + ms`.
@@ -324,59 +472,139 @@ impl Sim {
             }
             let ((at, _), event) = entry.remove_entry();
             self.now = at;
-            self.set_clocks();
-            match event {
-                Event::Tick(i) => {
-                    let outs = self.engines[i].tick(self.now);
-                    self.apply(i, outs);
-                    let next = self.now + self.opts.tick_ms;
-                    self.schedule(next, Event::Tick(i));
-                }
-                Event::Deliver {
-                    from,
-                    to,
-                    epoch,
-                    frame,
-                } => {
-                    let link = &self.links[&key(from, to)];
-                    if !link.up || link.epoch != epoch {
-                        self.log(format!("drop {from}->{to} {}B", frame.len()));
-                        continue;
-                    }
-                    self.messages += 1;
-                    self.bytes += frame.len() as u64;
-                    self.log(format!("deliver {from}->{to} {}B", frame.len()));
-                    let outs = self.engines[to].handle_message(
-                        &from,
-                        &frame,
-                        &mut self.replicas.stores[to],
-                    );
-                    self.apply(to, outs);
-                }
-            }
+            self.step(event);
         }
         self.now = end;
-        self.set_clocks();
     }
 
-    /// Opens a connection between `a` and `b`.
-    pub fn link_up(&mut self, a: usize, b: usize) {
-        let link = self.links.entry(key(a, b)).or_default();
-        if link.up {
+    fn step(&mut self, event: Event) {
+        match event {
+            Event::Tick(i, inc) => {
+                if self.nodes[i].incarnation != inc || !self.is_up(i) {
+                    return;
+                }
+                self.set_clock(i);
+                let now = self.now;
+                let outs = self.nodes[i].engine.as_mut().expect("up").tick(now);
+                self.apply(i, outs);
+                self.schedule(self.now + self.opts.tick_ms, Event::Tick(i, inc));
+            }
+            Event::Deliver {
+                from,
+                to,
+                epoch,
+                frame,
+            } => {
+                let reachable = self.reachable(from, to);
+                let k = key(from, to);
+                let dir = usize::from(from != k.0);
+                let link = self.links.get_mut(&k).expect("links exist for sends");
+                if !link.up || link.epoch != epoch {
+                    self.log(format_args!("drop {from}->{to} {}B closed", frame.len()));
+                    return;
+                }
+                if link.dead[dir] || !reachable {
+                    link.dead[dir] = true;
+                    let schedule_break = !link.breaking;
+                    link.breaking = true;
+                    self.log(format_args!("lost {from}->{to} {}B stalled", frame.len()));
+                    if schedule_break {
+                        let at = self.now + self.opts.break_after_ms;
+                        self.schedule(at, Event::Break(k.0, k.1, epoch));
+                    }
+                    return;
+                }
+                self.traffic.messages += 1;
+                self.traffic.bytes += frame.len() as u64;
+                self.log(format_args!("deliver {from}->{to} {}B", frame.len()));
+                self.handle(from, to, &frame);
+            }
+            Event::Gossip { from, to, frame } => {
+                if !self.reachable(from, to) {
+                    self.log(format_args!("gossip-lost {from}->{to}"));
+                    return;
+                }
+                let ready = self.nodes[to]
+                    .engine
+                    .as_ref()
+                    .expect("reachable means up")
+                    .ready_peers()
+                    .iter()
+                    .any(|(p, _)| *p == from);
+                if !ready {
+                    self.log(format_args!("gossip-ignored {from}->{to}"));
+                    return;
+                }
+                self.traffic.gossip += 1;
+                self.traffic.gossip_bytes += frame.len() as u64;
+                self.log(format_args!("gossip {from}->{to} {}B", frame.len()));
+                self.handle(from, to, &frame);
+            }
+            Event::Break(a, b, epoch) => {
+                let up = self
+                    .links
+                    .get(&(a, b))
+                    .is_some_and(|l| l.up && l.epoch == epoch);
+                if up {
+                    self.log(format_args!("timeout {a}-{b}"));
+                    self.link_down(a, b);
+                }
+            }
+            Event::Dial(a, b) => {
+                let link = self.links.get_mut(&(a, b)).expect("dials are for links");
+                link.dialing = false;
+                if link.up {
+                    return;
+                }
+                if self.reachable(a, b) && self.reachable(b, a) {
+                    self.link_up(a, b);
+                } else if self.is_up(a) || self.is_up(b) {
+                    self.dial_later(a, b, self.opts.redial_ms);
+                }
+            }
+            Event::Restart(i) => self.start(i),
+        }
+    }
+
+    fn handle(&mut self, from: usize, to: usize, frame: &[u8]) {
+        self.set_clock(to);
+        let node = &mut self.nodes[to];
+        let (Some(engine), Some(store)) = (node.engine.as_mut(), node.store.as_mut()) else {
+            return;
+        };
+        let outs = engine.handle_message(&from, frame, store);
+        self.apply(to, outs);
+    }
+
+    fn dial_later(&mut self, a: usize, b: usize, after: u64) {
+        let link = self.links.get_mut(&(a, b)).expect("dials are for links");
+        if link.up || link.dialing {
             return;
         }
-        link.up = true;
-        link.epoch += 1;
-        self.log(format!("link-up {a}-{b}"));
-        let outs = self.engines[a].peer_connected(b);
-        self.apply(a, outs);
-        let outs = self.engines[b].peer_connected(a);
-        self.apply(b, outs);
+        link.dialing = true;
+        let jitter = self.rng.below(after as usize / 2 + 1) as u64;
+        self.schedule(self.now + after + jitter, Event::Dial(a, b));
     }
 
-    /// Breaks the connection between `a` and `b` (frames in flight are lost).
-    pub fn link_down(&mut self, a: usize, b: usize) {
-        let Some(link) = self.links.get_mut(&key(a, b)) else {
+    fn link_up(&mut self, a: usize, b: usize) {
+        let now = self.now;
+        let link = self.links.get_mut(&(a, b)).expect("link exists");
+        link.up = true;
+        link.epoch += 1;
+        link.dead = [false; 2];
+        link.breaking = false;
+        link.last_at = [now; 2];
+        self.log(format_args!("link-up {a}-{b}"));
+        for (x, y) in [(a, b), (b, a)] {
+            self.set_clock(x);
+            let outs = self.nodes[x].engine.as_mut().expect("up").peer_connected(y);
+            self.apply(x, outs);
+        }
+    }
+
+    fn link_down(&mut self, a: usize, b: usize) {
+        let k = key(a, b);
+        let Some(link) = self.links.get_mut(&k) else {
             return;
         };
         if !link.up {
@@ -384,60 +612,26 @@ impl Sim {
         }
         link.up = false;
         link.epoch += 1;
-        self.log(format!("link-down {a}-{b}"));
-        self.engines[a].peer_disconnected(&b);
-        self.engines[b].peer_disconnected(&a);
+        self.log(format_args!("link-down {}-{}", k.0, k.1));
+        for (x, y) in [(k.0, k.1), (k.1, k.0)] {
+            if let Some(e) = self.nodes[x].engine.as_mut() {
+                e.peer_disconnected(&y);
+            }
+        }
+        self.dial_later(k.0, k.1, self.opts.redial_ms);
     }
 
-    /// One workload write at `site`: `kind` 0–3 creates a contact (with an
-    /// e-mail from a small pool, so duplicates happen; half of them forced),
-    /// 4–7 edits a field of a record the site knows, 8–9 deletes one.
-    pub fn write(&mut self, site: usize, kind: usize) {
-        self.set_clocks();
-        let rng = &mut self.rng;
-        let store = &mut self.replicas.stores[site];
-        let known: Vec<RecordId> = store
-            .changes_since(0, usize::MAX)
-            .expect("memory feed")
-            .into_iter()
-            .filter(|e| !e.deleted)
-            .map(|e| e.id)
-            .collect();
-        let (what, result) = if kind < 4 || known.is_empty() {
-            let email = format!("user{}@example.org", rng.below(6));
-            let force = rng.below(2) == 0;
-            let f = json!({"email": email, "city": format!("c{}", rng.below(100))});
-            (
-                format!("create {email} force={force}"),
-                store.create("contacts", None, f.as_object().expect("object"), force),
-            )
-        } else if kind < 8 {
-            let id = known[rng.below(known.len())].clone();
-            let field = ["city", "phone", "first_name", "bank_account"][rng.below(4)];
-            let f = json!({ field: format!("v{}", rng.below(1000)) });
-            (
-                format!("edit {id} {field}"),
-                store.update(&id, f.as_object().expect("object"), None, true),
-            )
-        } else {
-            let id = known[rng.below(known.len())].clone();
-            (format!("delete {id}"), store.delete(&id))
-        };
-        match result {
-            Ok(w) => {
-                let id = w.record.id.clone();
-                self.log(format!("write {site} {what} ok"));
-                if let Some(change) = w.change {
-                    self.acked.push((site, id.clone(), change));
-                }
-                let heads = self.replicas.stores[site].heads(&id).expect("memory store");
-                let outs = self.engines[site].local_change(id, &heads);
-                self.apply(site, outs);
-            }
-            Err(e) => {
-                self.refused += 1;
-                self.log(format!("write {site} {what} refused {}", e.code()));
-            }
+    /// Tells node `site`'s engine that local writes changed `ids`, and
+    /// carries out what it answers.
+    pub fn local_changes(&mut self, site: usize, ids: &[RecordId]) {
+        for id in ids {
+            let node = &mut self.nodes[site];
+            let (Some(engine), Some(store)) = (node.engine.as_mut(), node.store.as_mut()) else {
+                return;
+            };
+            let heads = store.heads(id).expect("the store reads its own heads");
+            let outs = engine.local_change(id.clone(), &heads);
+            self.apply(site, outs);
         }
     }
 
@@ -446,11 +640,17 @@ impl Sim {
         for out in outs {
             match out {
                 Output::Send { peer, msg } => {
-                    self.log(format!("send {node}->{peer} {}", msg.kind()));
-                    self.send(node, peer, &msg);
+                    let Some(frame) = self.encode(node, &msg) else {
+                        continue;
+                    };
+                    self.log(format_args!("send {node}->{peer} {}", msg.kind()));
+                    self.send(node, peer, frame);
                 }
                 Output::Broadcast { msg } => {
-                    self.log(format!("broadcast {node} {}", msg.kind()));
+                    let Some(frame) = self.encode(node, &msg) else {
+                        continue;
+                    };
+                    self.log(format_args!("broadcast {node} {}", msg.kind()));
                     let peers: Vec<usize> = self
                         .links
                         .iter()
@@ -462,11 +662,11 @@ impl Sim {
                         })
                         .collect();
                     for peer in peers {
-                        self.send(node, peer, &msg);
+                        self.gossip(node, peer, frame.clone());
                     }
                 }
                 Output::Disconnect { peer, reason } => {
-                    self.log(format!("disconnect {node}->{peer} {reason}"));
+                    self.log(format_args!("disconnect {node}->{peer} {reason}"));
                     self.broken
                         .push(format!("node {node} closed {peer}: {reason}"));
                     self.link_down(node, peer);
@@ -475,28 +675,37 @@ impl Sim {
         }
     }
 
-    fn send(&mut self, from: usize, to: usize, msg: &entente_node::sync::Message) {
-        let frame = match msg.encode() {
-            Ok(f) => f,
+    fn encode(&mut self, node: usize, msg: &Message) -> Option<Arc<[u8]>> {
+        match msg.encode() {
+            Ok(f) => Some(f.into()),
             Err(e) => {
                 self.broken.push(format!(
-                    "node {from} made an unencodable {}: {e}",
+                    "node {node} made an unencodable {}: {e}",
                     msg.kind()
                 ));
-                return;
+                None
             }
-        };
-        let (lo, hi) = key(from, to);
-        let span = self.opts.latency_ms_max - self.opts.latency_ms_min + 1;
-        let latency = self.opts.latency_ms_min + self.rng.below(span as usize) as u64;
+        }
+    }
+
+    fn send(&mut self, from: usize, to: usize, frame: Arc<[u8]>) {
+        let k = key(from, to);
+        let mut latency = self.opts.latency_ms_min
+            + self
+                .rng
+                .below((self.opts.latency_ms_max - self.opts.latency_ms_min) as usize + 1)
+                as u64;
+        if (self.rng.below(1000) as u64) < self.opts.latency_tail_permille {
+            latency += self.rng.below(self.opts.latency_tail_ms as usize + 1) as u64;
+        }
         let now = self.now;
-        let Some(link) = self.links.get_mut(&(lo, hi)) else {
+        let Some(link) = self.links.get_mut(&k) else {
             return;
         };
         if !link.up {
             return;
         }
-        let dir = usize::from(from != lo);
+        let dir = usize::from(from != k.0);
         let at = (now + latency).max(link.last_at[dir]);
         link.last_at[dir] = at;
         let epoch = link.epoch;
@@ -511,25 +720,50 @@ impl Sim {
         );
     }
 
+    fn gossip(&mut self, from: usize, to: usize, frame: Arc<[u8]>) {
+        if (self.rng.below(1000) as u64) < self.opts.gossip_loss_permille {
+            self.log(format_args!("gossip-dropped {from}->{to}"));
+            return;
+        }
+        let copies = if (self.rng.below(1000) as u64) < self.opts.gossip_dup_permille {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let latency = 1 + self.rng.below(self.opts.gossip_latency_ms_max as usize) as u64;
+            self.schedule(
+                self.now + latency,
+                Event::Gossip {
+                    from,
+                    to,
+                    frame: frame.clone(),
+                },
+            );
+        }
+    }
+
     fn schedule(&mut self, at: u64, event: Event) {
         self.queue.insert((at, self.next_event), event);
         self.next_event += 1;
     }
 
-    fn set_clocks(&self) {
-        for c in &self.replicas.clocks {
-            c.set(EPOCH_MS + self.now as i64);
-        }
+    /// Sets node `i`'s clock to the virtual time (before any call that may
+    /// write).
+    pub fn set_clock(&self, i: usize) {
+        self.nodes[i].clock.set(EPOCH_MS + self.now as i64);
     }
 
-    fn log(&mut self, line: String) {
-        let line = format!("{} {line}", self.now);
-        for b in line.bytes().chain([b'\n']) {
+    /// Adds a line to the trace (and its digest).
+    pub fn log(&mut self, args: fmt::Arguments<'_>) {
+        self.line.clear();
+        let _ = write!(self.line, "{} {args}", self.now);
+        for b in self.line.bytes().chain([b'\n']) {
             self.digest ^= u64::from(b);
             self.digest = self.digest.wrapping_mul(0x0100_0000_01b3);
         }
         if self.opts.keep_trace {
-            self.trace.push(line);
+            self.trace.push(self.line.clone());
         }
     }
 }

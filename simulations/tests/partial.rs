@@ -67,6 +67,7 @@ impl Net {
                         fetch_batch: 2,
                         fetch_budget_bytes: 2048,
                         collections: replicated(i).iter().map(|c| c.to_string()).collect(),
+                        ..SyncConfig::default()
                     },
                 )
                 .unwrap()

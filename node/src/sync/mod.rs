@@ -142,6 +142,20 @@ pub struct SyncConfig {
     /// all). It pulls, fetches, stores and serves only these, and names
     /// them in its `Hello`.
     pub collections: BTreeSet<String>,
+    /// Test-only: a deliberately broken protocol step, so the simulator can
+    /// prove its checker notices. Always `None` outside those tests.
+    #[doc(hidden)]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Test-only protocol faults (see [`SyncConfig::planted_bug`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// A session with a peer this node has pulled from before (a reconnect)
+    /// never pulls: no pull after the handshake, no anti-entropy. Only
+    /// gossip of new writes gets through.
+    NoPullAfterReconnect,
 }
 
 impl Default for SyncConfig {
@@ -152,6 +166,7 @@ impl Default for SyncConfig {
             fetch_batch: 500,
             fetch_budget_bytes: 4 << 20,
             collections: BTreeSet::new(),
+            planted_bug: None,
         }
     }
 }
@@ -516,6 +531,12 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 s.checkpoint = checkpoint;
                 s.wants = collections.into_iter().collect();
                 tracing::debug!(remote = %node_id, checkpoint, "handshake done");
+                if checkpoint > 0
+                    && self.config.planted_bug == Some(PlantedBug::NoPullAfterReconnect)
+                {
+                    self.session(peer).next_pull_at = u64::MAX;
+                    return Ok(());
+                }
                 self.send_pull(peer, out);
                 Ok(())
             }
@@ -1058,6 +1079,7 @@ mod tests {
             fetch_batch: 2,
             fetch_budget_bytes: 300,
             collections: BTreeSet::new(),
+            planted_bug: None,
         }
     }
 
