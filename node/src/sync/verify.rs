@@ -215,6 +215,13 @@ pub fn items(store: &Store, range: &IdRange) -> Result<BTreeMap<RecordId, Vec<Ch
     }
 }
 
+/// One part of a range being cut by the responder.
+struct Part {
+    range: IdRange,
+    acc: Acc,
+    items: Vec<(RecordId, WireHeads)>,
+}
+
 fn item_bytes(id: &RecordId, heads: &WireHeads) -> usize {
     id.as_str().len() + 2 + heads.len() * 32
 }
@@ -245,35 +252,32 @@ pub(crate) fn answer(
             count.div_ceil(VERIFY_FANOUT)
         };
         let listed = count <= VERIFY_ITEMS || per <= VERIFY_LIST_PART;
-        let mut cut: Vec<(IdRange, Acc, Vec<(RecordId, WireHeads)>)> = vec![(
-            IdRange {
-                lo: range.lo.clone(),
-                hi: range.hi.clone(),
-            },
-            Acc::default(),
-            Vec::new(),
-        )];
+        let mut cut = vec![Part {
+            range: range.clone(),
+            acc: Acc::default(),
+            items: Vec::new(),
+        }];
         let mut seen = 0usize;
         let mut bad = None;
         store.scan_heads(&range.lo, range.hi.as_deref(), &mut |id, heads| {
             if seen > 0 && seen.is_multiple_of(per) {
                 let last = cut.last_mut().expect("one part at least");
-                last.0.hi = Some(id.to_string());
-                cut.push((
-                    IdRange {
+                last.range.hi = Some(id.to_string());
+                cut.push(Part {
+                    range: IdRange {
                         lo: id.to_string(),
                         hi: range.hi.clone(),
                     },
-                    Acc::default(),
-                    Vec::new(),
-                ));
+                    acc: Acc::default(),
+                    items: Vec::new(),
+                });
             }
             seen += 1;
             let part = cut.last_mut().expect("one part at least");
-            part.1.add(id, &heads);
+            part.acc.add(id, &heads);
             if listed {
                 match RecordId::parse(id) {
-                    Ok(rid) => part.2.push((rid, heads_to_wire(&heads))),
+                    Ok(rid) => part.items.push((rid, heads_to_wire(&heads))),
                     Err(e) => {
                         bad = Some(e);
                         return false;
@@ -285,7 +289,12 @@ pub(crate) fn answer(
         if let Some(e) = bad {
             return Err(Error::Corrupt(format!("a stored record id: {e}")));
         }
-        for (r, acc, list) in cut {
+        for Part {
+            range: r,
+            acc,
+            items: list,
+        } in cut
+        {
             if parts.len() >= MAX_VERIFY_PARTS {
                 // Cannot happen with the caps in force (64 ranges x 16
                 // parts); refuse rather than send a frame the peer refuses.
