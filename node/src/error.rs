@@ -82,6 +82,11 @@ pub enum Error {
     /// A compare-and-repair run with this peer is already going on.
     #[error("{0}")]
     VerifyInProgress(String),
+    /// Compare-and-repair cannot run in this session (one side replicates
+    /// only some collections: whole-store fingerprints would differ on
+    /// records that are not meant to be shared).
+    #[error("{0}")]
+    VerifyUnsupported(String),
     /// A file-system error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -106,6 +111,7 @@ impl Error {
             Error::Network(_) => "NETWORK_ERROR".into(),
             Error::PeerNotReady(_) => "PEER_NOT_READY".into(),
             Error::VerifyInProgress(_) => "VERIFY_IN_PROGRESS".into(),
+            Error::VerifyUnsupported(_) => "VERIFY_UNSUPPORTED".into(),
             Error::Io(_) => "IO_ERROR".into(),
         }
     }

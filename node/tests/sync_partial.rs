@@ -381,3 +381,21 @@ fn a_partial_node_serves_only_its_collections() {
         "{o:?}"
     );
 }
+
+#[test]
+fn verify_is_refused_when_either_side_replicates_only_some_collections() {
+    for (a, b) in [(&["contacts"][..], &[][..]), (&[][..], &["contacts"][..])] {
+        let mut p = Pair::new(a, b);
+        p.connect();
+        for i in 0..2 {
+            let e = p.engines[i]
+                .start_verify(&(1 - i), &p.stores[i])
+                .unwrap_err();
+            assert_eq!(e.code(), "VERIFY_UNSUPPORTED", "{e}");
+        }
+    }
+    // Two full nodes may.
+    let mut p = Pair::new(&[], &[]);
+    p.connect();
+    assert!(p.engines[0].start_verify(&1, &p.stores[0]).is_ok());
+}

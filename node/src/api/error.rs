@@ -65,7 +65,9 @@ pub fn status_for(e: &Error) -> StatusCode {
     match e {
         Error::NotFound(_) | Error::CollisionNotFound(_) => StatusCode::NOT_FOUND,
         Error::Duplicate { .. } | Error::AlreadyExists(_) => StatusCode::CONFLICT,
-        Error::PeerNotReady(_) | Error::VerifyInProgress(_) => StatusCode::CONFLICT,
+        Error::PeerNotReady(_) | Error::VerifyInProgress(_) | Error::VerifyUnsupported(_) => {
+            StatusCode::CONFLICT
+        }
         Error::BadReference { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         Error::Model(m) => match m {
             M::InvalidId(_) => StatusCode::BAD_REQUEST,

@@ -811,6 +811,14 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 "a verify with {peer:?} is running"
             )));
         }
+        if !self.config.collections.is_empty() || !self.sessions[peer].wants.is_empty() {
+            // The fingerprints cover every record of a store; between nodes
+            // that do not share every collection they would differ on
+            // records that are not meant to be shared.
+            return Err(Error::VerifyUnsupported(format!(
+                "verify compares whole stores; this node or {peer:?} replicates only some collections"
+            )));
+        }
         self.verified.remove(peer);
         let whole = verify::fingerprint(store, &wire::IdRange::all())?;
         tracing::info!(?peer, records = whole.count, "verify started");
