@@ -254,7 +254,10 @@ fn no_input_gets_past_any_entry_point() {
         assert!(store.get(id).unwrap().is_some());
         automerge::Automerge::load(&store.raw_document(id).unwrap()).unwrap();
     }
-    assert!(store.quarantine().unwrap().len() as u64 == store.stats().unwrap().quarantined);
+    assert_eq!(
+        store.quarantine().unwrap().len() as u64,
+        store.stats().unwrap().quarantined
+    );
 }
 
 /// A bomb child. Run only by `allocation_bombs_are_contained_under_a_memory_limit`.

@@ -456,6 +456,7 @@ const META_NODE: &[u8] = b"node_id";
 const META_SCHEMA: &[u8] = b"schema_fingerprint";
 const META_SEQ: &[u8] = b"feed_seq";
 const META_APPLYING: &[u8] = b"applying_remote_batch";
+const META_SUSPECT: &[u8] = b"suspect_remote_batch";
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("serializable")
@@ -1401,9 +1402,10 @@ impl Store {
     /// records, a BLAKE3 hash of each change's raw bytes) is written durably;
     /// the atomic batch that applies the data removes it. A note found on
     /// open means the process died inside that batch (an input that aborts
-    /// rather than panics): the batch is quarantined, and changes with those
-    /// hashes are refused whenever a peer sends them again. A poison input
-    /// costs one restart, never a crash loop.
+    /// rather than panics, or a `kill -9`): the batch is retried once, and
+    /// if the process dies again on the same changes they are quarantined and
+    /// refused by hash whenever a peer sends them again. A poison input costs
+    /// two restarts, never a crash loop; a kill mid-batch costs nothing.
     pub fn apply_remote_from(
         &mut self,
         peer: Option<NodeId>,
@@ -2245,9 +2247,12 @@ impl Store {
     }
 }
 
-/// On open: a leftover note names the remote batch the process died in.
-/// Its records' changes go to quarantine (refused from now on, by hash), and
-/// the note is removed, in one batch.
+/// On open: a leftover note names the remote batch the process died in. The
+/// first time, that may be a `kill -9` or a power cut as well as a poison
+/// input, so the batch's change hashes are only remembered as suspect and
+/// the batch is fetched and applied again. If the process dies again in a
+/// batch holding suspect changes, those records' changes go to quarantine
+/// (refused from now on, by hash). The note is removed in the same write.
 fn recover_apply_note(kv: &dyn Kv, now_ms: i64) -> Result<()> {
     let Some(b) = kv.get(Cf::Meta, META_APPLYING)? else {
         return Ok(());
@@ -2255,27 +2260,47 @@ fn recover_apply_note(kv: &dyn Kv, now_ms: i64) -> Result<()> {
     let mut ops = vec![(Cf::Meta, META_APPLYING.to_vec(), None)];
     match serde_json::from_slice::<ApplyNote>(&b) {
         Ok(note) => {
-            let tag = format!("crash:{}", &change_bytes_hash(&b)[..16]);
-            let changes: usize = note.records.iter().map(|(_, c)| c.len()).sum();
-            tracing::warn!(
-                peer = note.peer.as_deref().unwrap_or("unknown"),
-                records = note.records.len(),
-                changes,
-                "the process died applying a remote batch; quarantined it, its changes are refused from now on"
-            );
-            for (record, hashes) in note.records {
-                let entry = QuarantineEntry {
-                    record: record.clone(),
-                    reason: "the process died applying this batch".into(),
-                    peer: note.peer.clone(),
-                    changes: hashes,
-                    at_ms: Some(now_ms),
-                };
-                ops.push((
-                    Cf::Quarantine,
-                    key2(record.as_bytes(), tag.as_bytes()),
-                    Some(json(&entry)),
-                ));
+            let suspects: BTreeSet<String> = kv
+                .get(Cf::Meta, META_SUSPECT)?
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let again: Vec<&(String, Vec<String>)> = note
+                .records
+                .iter()
+                .filter(|(_, hashes)| hashes.iter().any(|h| suspects.contains(h)))
+                .collect();
+            let peer = note.peer.as_deref().unwrap_or("unknown");
+            if again.is_empty() {
+                let all: BTreeSet<&String> =
+                    note.records.iter().flat_map(|(_, h)| h.iter()).collect();
+                tracing::warn!(
+                    peer,
+                    records = note.records.len(),
+                    "the process died applying a remote batch; it is retried, and quarantined if the process dies in it again"
+                );
+                ops.push((Cf::Meta, META_SUSPECT.to_vec(), Some(json(&all))));
+            } else {
+                let tag = format!("crash:{}", &change_bytes_hash(&b)[..16]);
+                tracing::warn!(
+                    peer,
+                    records = again.len(),
+                    "the process died twice applying the same remote changes; quarantined them, they are refused from now on"
+                );
+                for (record, hashes) in again {
+                    let entry = QuarantineEntry {
+                        record: record.clone(),
+                        reason: "the process died applying these changes, twice".into(),
+                        peer: note.peer.clone(),
+                        changes: hashes.clone(),
+                        at_ms: Some(now_ms),
+                    };
+                    ops.push((
+                        Cf::Quarantine,
+                        key2(record.as_bytes(), tag.as_bytes()),
+                        Some(json(&entry)),
+                    ));
+                }
+                ops.push((Cf::Meta, META_SUSPECT.to_vec(), None));
             }
         }
         Err(e) => {
