@@ -93,6 +93,11 @@ pub fn run_cmd(args: SimArgs) -> Result<bool> {
                 true
             }
             Err(v) => {
+                // With --trace the log comes first, as on success: a
+                // violation is when it is needed most.
+                for line in &v.trace {
+                    writeln!(out, "{line}")?;
+                }
                 writeln!(out, "VIOLATION {v}")?;
                 summary(&mut out, 1, 0, elapsed, 1)?;
                 false

@@ -104,6 +104,10 @@ pub struct Violation {
     pub what: String,
     /// The command that replays it, when a scenario run found it.
     pub replay: Option<String>,
+    /// The event log up to the violation, when the run kept one
+    /// (`NetOptions::keep_trace`); empty otherwise. Not part of the
+    /// `Display` text: the caller prints it when asked (`entente sim --trace`).
+    pub trace: Vec<String>,
 }
 
 impl fmt::Display for Violation {
@@ -209,6 +213,7 @@ impl Replicas {
             seed,
             what,
             replay: None,
+            trace: Vec::new(),
         };
         let reference = self.state(0).map_err(|e| err(e.to_string()))?;
         for site in 1..self.stores.len() {

@@ -187,6 +187,7 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
         seed,
         what: format!("{scenario}: {what}"),
         replay: Some(replay_command(scenario, seed, opts)),
+        trace: Vec::new(),
     };
     let mut rng = Rng::new(seed ^ 0x7363_656e_6172_696f);
     let drawn = scenario.nodes(&mut rng);
@@ -274,6 +275,13 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
         gossip_bytes: now.gossip_bytes - before.gossip_bytes,
     };
     sim.log(format_args!("check"));
+    // A violation carries the trace (empty unless `keep_trace`): a failing
+    // seed is exactly when one needs to read it.
+    let trace = sim.trace().to_vec();
+    let fail = |what: String| Violation {
+        trace: trace.clone(),
+        ..fail(what)
+    };
     if let Some(b) = sim.broken().first() {
         return Err(fail(format!("a session broke: {b}")));
     }

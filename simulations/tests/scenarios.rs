@@ -120,6 +120,23 @@ fn a_planted_bug_is_reported_with_its_seed() {
         )),
         "{text}"
     );
+    assert!(v.trace.is_empty(), "no trace unless asked for");
+    // Replayed with the trace kept, the violation carries the event log up
+    // to the checks (what `entente sim --seed S --trace` prints before it).
+    let mut traced = opts.clone();
+    traced.net.keep_trace = true;
+    let again = run(Scenario::PartitionHeal, v.seed, &traced).expect_err("same seed, same bug");
+    assert_eq!(again.what, v.what);
+    assert!(
+        again.trace[0].contains(&format!("scenario partition-heal seed {}", v.seed)),
+        "{:?}",
+        again.trace.first()
+    );
+    assert!(
+        again.trace.last().is_some_and(|l| l.ends_with(" check")),
+        "{:?}",
+        again.trace.last()
+    );
     // The same seed without the bug holds.
     let clean = RunOptions {
         ops: 150,
