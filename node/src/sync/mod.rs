@@ -508,13 +508,11 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                     ))
                 } else if node_id == self.node {
                     Some("peer claims this node's own id".to_string())
-                } else if let Some(c) = collections
-                    .iter()
-                    .find(|c| store.schema().collection(c).is_err())
-                {
-                    Some(format!("peer replicates `{c}`, not a collection here"))
                 } else {
-                    None
+                    collections
+                        .iter()
+                        .find(|c| store.schema().collection(c).is_err())
+                        .map(|c| format!("peer replicates `{c}`, not a collection here"))
                 };
                 if let Some(reason) = refusal {
                     out.push(Output::Send {
