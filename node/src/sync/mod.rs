@@ -142,6 +142,12 @@ pub struct SyncConfig {
     /// all). It pulls, fetches, stores and serves only these, and names
     /// them in its `Hello`.
     pub collections: BTreeSet<String>,
+    /// Most request/response rounds one verify run may take. A run that
+    /// reaches it ends incomplete (`error` says so): a peer that keeps
+    /// answering without settling its ranges cannot hold a run forever.
+    /// Each round settles up to [`verify::VERIFY_BATCH`] ranges, so the
+    /// default covers millions of differing records.
+    pub verify_max_rounds: u64,
     /// Test-only: a deliberately broken protocol step, so the simulator can
     /// prove its checker notices. Always `None` outside those tests.
     #[doc(hidden)]
@@ -166,6 +172,7 @@ impl Default for SyncConfig {
             fetch_batch: 500,
             fetch_budget_bytes: 4 << 20,
             collections: BTreeSet::new(),
+            verify_max_rounds: 10_000,
             planted_bug: None,
         }
     }
@@ -203,6 +210,9 @@ impl SyncConfig {
                 wire::MAX_COLLECTIONS,
                 wire::MAX_COLLECTION_NAME_BYTES
             )));
+        }
+        if self.verify_max_rounds == 0 {
+            return Err(Error::Config("verify_max_rounds must be at least 1".into()));
         }
         Ok(())
     }
@@ -943,6 +953,14 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             }
         }
         run.report.records_fetched += fetch.len() as u64;
+        if !run.pending.is_empty() && run.report.rounds >= self.config.verify_max_rounds {
+            let why = format!(
+                "verify stopped after {} rounds (verify_max_rounds) with ranges left to compare",
+                run.report.rounds
+            );
+            self.abort_verify(peer, &why);
+            return Ok(());
+        }
         run.offer(peer, offer, out);
         let ids: Vec<RecordId> = fetch.iter().map(|(id, _)| id.clone()).collect();
         run.awaiting.extend(fetch);
@@ -1085,6 +1103,7 @@ mod tests {
             fetch_batch: 2,
             fetch_budget_bytes: 300,
             collections: BTreeSet::new(),
+            verify_max_rounds: 10_000,
             planted_bug: None,
         }
     }
@@ -1369,7 +1388,11 @@ mod tests {
     /// change by change, not through the engine), engines connected and
     /// idle with checkpoints at each other's feed end.
     fn twins(n: usize) -> (Pair, Vec<RecordId>) {
-        let mut p = Pair::new(SyncConfig::default());
+        twins_with(n, SyncConfig::default())
+    }
+
+    fn twins_with(n: usize, config: SyncConfig) -> (Pair, Vec<RecordId>) {
+        let mut p = Pair::new(config);
         let mut ids = Vec::new();
         for start in (0..n).step_by(500) {
             let items = (start..(start + 500).min(n))
@@ -1556,5 +1579,57 @@ mod tests {
             p.engines[0].start_verify(&1, &p.stores[0]),
             Err(Error::PeerNotReady(_))
         ));
+    }
+
+    #[test]
+    fn a_peer_that_never_settles_its_ranges_cannot_hold_a_verify_run() {
+        let config = SyncConfig {
+            verify_max_rounds: 50,
+            ..SyncConfig::default()
+        };
+        let (mut p, _) = twins_with(40, config);
+        // A record only A holds, so the first comparison differs.
+        create(&mut p.stores[0], "only-a@x.org");
+        let mut o = p.engines[0].start_verify(&1, &p.stores[0]).unwrap();
+        let mut answered = 0u64;
+        // The hostile peer answers every range asked with the same range and
+        // a fingerprint that never matches.
+        while let [
+            Output::Send {
+                msg: Message::VerifyRequest { ranges },
+                ..
+            },
+        ] = &o[..]
+        {
+            let parts = ranges
+                .iter()
+                .map(|(r, f)| {
+                    let bogus = wire::Fingerprint {
+                        count: f.count + 1,
+                        sum: [answered as u8; 16],
+                    };
+                    (r.clone(), wire::PartSummary::Fingerprint(bogus))
+                })
+                .collect();
+            let frame = Message::VerifyResponse { parts }.encode().unwrap();
+            o = p.engines[0].handle_message(&1, &frame, &mut p.stores[0]);
+            answered += 1;
+            assert!(answered <= 50, "the run outlived its round cap");
+        }
+        assert!(
+            o.iter().all(|x| !matches!(x, Output::Disconnect { .. })),
+            "{o:?}"
+        );
+        assert_eq!(answered, 50);
+        assert_eq!(p.engines[0].verify_finished(), vec![1]);
+        let r = p.engines[0].take_verify_report(&1).unwrap();
+        assert!(!r.complete);
+        assert_eq!(r.rounds, 50);
+        assert!(
+            r.error.as_deref().unwrap().contains("verify_max_rounds"),
+            "{r:?}"
+        );
+        // The session itself is intact: a new run can start.
+        assert!(p.engines[0].start_verify(&1, &p.stores[0]).is_ok());
     }
 }
