@@ -120,6 +120,9 @@ pub struct NodeStatus {
     pub changes_applied: u64,
     /// Records refused from peers.
     pub records_rejected: u64,
+    /// Records of collections this node does not replicate that a peer
+    /// sent anyway (dropped).
+    pub records_ignored: u64,
     /// Replication and gossip payload bytes sent (frames and pushes as
     /// handed to libp2p, without Noise and Yamux framing).
     pub bytes_sent: u64,
@@ -843,6 +846,7 @@ impl EventLoop {
             fetches: stats.fetches,
             changes_applied: stats.changes_applied,
             records_rejected: stats.records_rejected,
+            records_ignored: stats.records_ignored,
             bytes_sent: self.bytes_sent,
             bytes_received: self.bytes_received,
         }

@@ -1204,6 +1204,8 @@ impl NodeHooks for Recording {
             applied_changes: 11,
             bytes_in: 1234,
             bytes_out: 99,
+            records_rejected: 2,
+            records_ignored: 3,
         }
     }
     fn networked(&self) -> bool {
@@ -1243,6 +1245,8 @@ async fn the_node_hears_of_every_local_write_and_answers_peer_calls() {
     let s = call(&app, "GET", "/status", None).await;
     assert_eq!(s.json["peers"], 1);
     assert_eq!(s.json["connected_peers"], 1);
+    assert_eq!(s.json["records_rejected"], 2);
+    assert_eq!(s.json["records_ignored"], 3);
     let m = call(&app, "GET", "/metrics", None).await;
     assert!(
         m.text.contains("entente_peer_sync_lag{peer=\"p1\"} 7\n"),
@@ -1251,6 +1255,8 @@ async fn the_node_hears_of_every_local_write_and_answers_peer_calls() {
     );
     assert!(m.text.contains("entente_bytes_in_total 1234\n"));
     assert!(m.text.contains("entente_applied_changes_total 11\n"));
+    assert!(m.text.contains("entente_records_rejected_total 2\n"));
+    assert!(m.text.contains("entente_records_ignored_total 3\n"));
     let added = call(
         &app,
         "POST",

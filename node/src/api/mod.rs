@@ -100,6 +100,11 @@ pub struct NetMetrics {
     pub bytes_in: u64,
     /// Bytes sent to peers.
     pub bytes_out: u64,
+    /// Records from peers the store refused (quarantined).
+    pub records_rejected: u64,
+    /// Records of collections this node does not replicate that a peer
+    /// sent anyway (dropped, never stored).
+    pub records_ignored: u64,
 }
 
 /// A refusal of a hook call: a stable code, a message, an HTTP status.

@@ -162,6 +162,8 @@ impl NodeHooks for NodeApiHooks {
                 applied_changes: s.changes_applied,
                 bytes_in: s.bytes_received,
                 bytes_out: s.bytes_sent,
+                records_rejected: s.records_rejected,
+                records_ignored: s.records_ignored,
             },
             Err(_) => NetMetrics::default(),
         }

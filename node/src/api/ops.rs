@@ -33,7 +33,7 @@ where
 /// `GET /status`
 pub async fn status(State(state): State<ApiState>) -> Result<Json<Json_>, ApiError> {
     let (node, stats) = state.with_store(|s| Ok((s.node_id(), s.stats()?))).await?;
-    let peers = hook(&state, |h| Ok(h.peers())).await?;
+    let (peers, net) = hook(&state, |h| Ok((h.peers(), h.metrics()))).await?;
     let networked = state.hooks.networked();
     let open: u64 = stats.open_collisions.values().sum();
     Ok(Json(json!({
@@ -49,6 +49,8 @@ pub async fn status(State(state): State<ApiState>) -> Result<Json<Json_>, ApiErr
         "resolved_collisions": stats.resolved_collisions,
         "pending_changes": stats.pending_changes,
         "quarantined": stats.quarantined,
+        "records_rejected": net.records_rejected,
+        "records_ignored": net.records_ignored,
     })))
 }
 
@@ -226,6 +228,18 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
         "Bytes sent to peers.",
         "counter",
         vec![(String::new(), net.bytes_out)],
+    );
+    gauge(
+        "entente_records_rejected_total",
+        "Records from peers the store refused (quarantined).",
+        "counter",
+        vec![(String::new(), net.records_rejected)],
+    );
+    gauge(
+        "entente_records_ignored_total",
+        "Records of collections not replicated here that peers sent anyway (dropped).",
+        "counter",
+        vec![(String::new(), net.records_ignored)],
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], o).into_response())
 }
