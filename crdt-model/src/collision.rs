@@ -429,21 +429,48 @@ pub fn detect_flagged(schema: &Schema, r: &Record) -> Vec<Collision> {
 /// concurrent value of a single field; for a group, the combinations of its
 /// fields' values (capped at 16), only when every field has a value.
 pub fn unique_values(schema: &Schema, r: &Record, key: &UniqueKey) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
     if r.is_deleted() {
-        return out;
+        return BTreeSet::new();
     }
     let Some(collection) = r.collection() else {
-        return out;
+        return BTreeSet::new();
     };
-    let mut combos: Vec<Vec<String>> = vec![Vec::new()];
-    for f in &key.fields {
-        let vals: BTreeSet<String> = r
-            .field_values(schema, f)
+    claims(key, |f| {
+        r.field_values(schema, f)
             .iter()
             .map(|(v, _)| schema.normalize(&collection, f, v))
-            .filter(|s| !s.is_empty())
-            .collect();
+            .collect()
+    })
+}
+
+/// What [`unique_values`] gives for a record just created (one change, not
+/// deleted) with `fields`, computed from those values instead of read back
+/// from its document.
+pub fn unique_values_of_new(
+    schema: &Schema,
+    collection: &str,
+    fields: &BTreeMap<String, FieldValue>,
+    key: &UniqueKey,
+) -> BTreeSet<String> {
+    claims(key, |f| {
+        fields
+            .get(f)
+            .map(|v| schema.normalize(collection, f, v))
+            .into_iter()
+            .collect()
+    })
+}
+
+/// The claims of a key, given the normalized values of each of its fields
+/// (empty normalized values do not count).
+fn claims(
+    key: &UniqueKey,
+    mut values_of: impl FnMut(&str) -> BTreeSet<String>,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut combos: Vec<Vec<String>> = vec![Vec::new()];
+    for f in &key.fields {
+        let vals: BTreeSet<String> = values_of(f).into_iter().filter(|s| !s.is_empty()).collect();
         if vals.is_empty() {
             return out;
         }
@@ -844,4 +871,66 @@ pub fn plan_resolution(
             },
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::CommitCtx;
+
+    #[test]
+    fn the_claims_of_a_new_record_equal_those_read_from_its_document() {
+        let schema = Schema::default_crm();
+        let ctx = CommitCtx {
+            node: NodeId([1; 16]),
+            time_ms: 0,
+            op: "create",
+        };
+        let contact = RecordId::parse("00000000-0000-4000-8000-000000000001").unwrap();
+        let cases: Vec<(&str, serde_json::Value)> = vec![
+            (
+                "contacts",
+                serde_json::json!({"email": "  Ann@Example.ORG ", "member_key": " K-1 ", "user_name": "ann"}),
+            ),
+            (
+                "contacts",
+                serde_json::json!({"email": "", "user_name": "   "}),
+            ),
+            (
+                "contacts",
+                serde_json::json!({"first_name": "no unique field"}),
+            ),
+            (
+                "phones",
+                serde_json::json!({"contact_id": contact.as_str(), "number": " +41 1 "}),
+            ),
+        ];
+        let mut claimed = Vec::new();
+        for (i, (collection, fields)) in cases.into_iter().enumerate() {
+            let edit = Edit::from_json(&schema, collection, fields.as_object().unwrap()).unwrap();
+            let id = RecordId::parse(&format!("00000000-0000-4000-8000-00000000010{i}")).unwrap();
+            let r = Record::create(&schema, collection, &id, &edit.set, &ctx).unwrap();
+            for key in schema.unique_keys(collection) {
+                assert_eq!(
+                    unique_values_of_new(&schema, collection, &edit.set, &key),
+                    unique_values(&schema, &r, &key),
+                    "{collection} {}",
+                    key.name
+                );
+                claimed.extend(unique_values_of_new(&schema, collection, &edit.set, &key));
+            }
+        }
+        // Normalized (trimmed; e-mail case-insensitive), empty values claim
+        // nothing, a group claims the combination.
+        assert!(
+            claimed.contains(&"ann@example.org".to_string()),
+            "{claimed:?}"
+        );
+        assert!(claimed.contains(&"K-1".to_string()), "{claimed:?}");
+        assert!(
+            claimed.contains(&format!("{}\u{1f}+41 1", contact.as_str())),
+            "{claimed:?}"
+        );
+        assert_eq!(claimed.len(), 4, "{claimed:?}");
+    }
 }
