@@ -785,8 +785,9 @@ impl EventLoop {
 
     fn peer_infos(&self) -> Vec<PeerInfo> {
         let b = self.swarm.behaviour();
-        let ready: BTreeMap<PeerId, NodeId> = self.engine.ready_peers().into_iter().collect();
+        // A session with a remote node id has finished its handshake.
         let sessions: BTreeMap<PeerId, SessionInfo> = self.engine.sessions().into_iter().collect();
+        let ready = |p: &PeerId| sessions.get(p).and_then(|s| s.remote);
         let feed_seq = *self.feed.borrow();
         let now_ms = self.now_ms();
         let mut all: Vec<PeerId> = self.statics.keys().copied().collect();
@@ -800,8 +801,8 @@ impl EventLoop {
                 peer_id: p.to_string(),
                 address: self.statics.get(&p).map(|s| s.addr.to_string()),
                 connected: self.links.contains_key(&p),
-                syncing: ready.contains_key(&p),
-                node_id: ready.get(&p).map(|n| n.to_string()),
+                syncing: ready(&p).is_some(),
+                node_id: ready(&p).map(|n| n.to_string()),
                 allowed: b.allowed.allowed_peers().contains(&p),
                 blocked: b.blocked.blocked_peers().contains(&p),
                 static_peer: self.statics.contains_key(&p),
@@ -811,10 +812,7 @@ impl EventLoop {
                     .get(&p)
                     .and_then(|l| l.last_frame)
                     .map(|t| t.elapsed().as_millis() as u64),
-                checkpoint: sessions
-                    .get(&p)
-                    .filter(|s| s.remote.is_some())
-                    .map(|s| s.checkpoint),
+                checkpoint: ready(&p).and(sessions.get(&p)).map(|s| s.checkpoint),
                 behind: sessions
                     .get(&p)
                     .and_then(|s| s.peer_checkpoint)
