@@ -42,6 +42,7 @@ async fn quarantined_inputs_are_listed() {
     let state = ApiState::new(store, Arc::new(StandaloneHooks), config);
     let app = api::router(state);
     let resp = app
+        .clone()
         .oneshot(
             Request::builder()
                 .uri("/quarantine")
@@ -64,4 +65,52 @@ async fn quarantined_inputs_are_listed() {
         list[0]["reason"].as_str().unwrap().contains("checksum"),
         "{v}"
     );
+
+    // Releasing it removes the entry; a second release finds none; a bad
+    // id is refused.
+    let call = |method: &str, uri: String| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", HOST)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let released = app
+        .clone()
+        .oneshot(call("DELETE", format!("/quarantine/{id}")))
+        .await
+        .unwrap();
+    assert_eq!(released.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(released.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["released"], 1, "{v}");
+    let again = app
+        .clone()
+        .oneshot(call("DELETE", format!("/quarantine/{id}")))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    let body = axum::body::to_bytes(again.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["code"], "NOT_QUARANTINED", "{v}");
+    let bad = app
+        .clone()
+        .oneshot(call("DELETE", "/quarantine/not-an-id".into()))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let list = app
+        .oneshot(call("GET", "/quarantine".into()))
+        .await
+        .unwrap();
+    let body = axum::body::to_bytes(list.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["quarantine"].as_array().unwrap().len(), 0, "{v}");
 }

@@ -192,6 +192,25 @@ fn a_batch_that_kills_the_process_twice_is_quarantined() {
     let r = store.apply_remote(poison.clone()).unwrap();
     assert_eq!(r.rejected.len(), 3);
     assert_eq!(r.changes_applied, 0);
+
+    // The operator releases one record: only its changes are accepted
+    // again (this process does not die on them), the others stay refused.
+    let (released, _) = &poison[0];
+    assert_eq!(store.release_quarantine(released).unwrap(), 1);
+    assert_eq!(store.release_quarantine(released).unwrap(), 0);
+    assert_eq!(store.stats().unwrap().quarantined, 2);
+    let r = store.apply_remote(poison.clone()).unwrap();
+    assert_eq!(r.rejected.len(), 2, "{r:?}");
+    assert_eq!(r.changes_applied, 1, "{r:?}");
+    assert!(store.get(released).unwrap().is_some());
+    for (id, _) in &poison[1..] {
+        assert!(store.get(id).unwrap().is_none());
+    }
+    drop(store);
+    // The release is durable.
+    let mut store = open(&db, StoreOptions::default());
+    assert_eq!(store.stats().unwrap().quarantined, 2);
+    assert!(store.get(released).unwrap().is_some());
 }
 
 #[test]

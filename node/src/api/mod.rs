@@ -356,6 +356,10 @@ pub fn router(state: ApiState) -> Router {
     let short = Router::new()
         .route("/status", get(ops::status))
         .route("/quarantine", get(ops::quarantine))
+        .route(
+            "/quarantine/{record}",
+            axum::routing::delete(ops::release_quarantine),
+        )
         .route("/schema", get(ops::schema))
         .route("/metrics", get(ops::metrics))
         .route("/peers", get(ops::peers).post(ops::add_peer))

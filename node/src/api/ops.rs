@@ -61,6 +61,28 @@ pub async fn quarantine(State(state): State<ApiState>) -> Result<Json<Json_>, Ap
     Ok(Json(json!({ "quarantine": entries })))
 }
 
+/// `DELETE /quarantine/{record}`: releases the record's quarantine entries
+/// (its refused changes are accepted again). `404 NOT_QUARANTINED` when it
+/// has none.
+pub async fn release_quarantine(
+    State(state): State<ApiState>,
+    Path(record): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let id = super::record_id(&record)?;
+    let rid = id.clone();
+    let released = state
+        .with_store(move |s| Ok(s.release_quarantine(&rid)?))
+        .await?;
+    if released == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_QUARANTINED",
+            format!("{id} has no quarantine entry"),
+        ));
+    }
+    Ok(Json(json!({ "record": id, "released": released })))
+}
+
 /// `GET /peers`
 pub async fn peers(State(state): State<ApiState>) -> Result<Json<Json_>, ApiError> {
     let peers = hook(&state, |h| Ok(h.peers())).await?;

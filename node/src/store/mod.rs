@@ -576,6 +576,39 @@ impl Store {
         Ok(out)
     }
 
+    /// Releases every quarantine entry of `record` (an operator's decision,
+    /// for instance after an upgrade fixed what the input broke): its
+    /// refused change hashes are accepted again and the entries are removed
+    /// in one write. Nothing is fetched here; the record's changes arrive
+    /// with the next push of it or through `entente verify`. Returns the
+    /// number of entries removed.
+    pub fn release_quarantine(&mut self, record: &RecordId) -> Result<usize> {
+        let prefix = id_prefix(record);
+        let mut keys = Vec::new();
+        self.kv
+            .scan(Cf::Quarantine, &prefix, &prefix, &mut |k, _| {
+                keys.push(k.to_vec());
+                true
+            })?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let n = keys.len();
+        self.kv.write(
+            keys.into_iter()
+                .map(|k| (Cf::Quarantine, k, None))
+                .collect(),
+        )?;
+        // What stays refused: the hashes of the entries left.
+        let mut poisoned = BTreeSet::new();
+        for q in self.quarantine()? {
+            poisoned.extend(q.changes);
+        }
+        self.poisoned = poisoned;
+        tracing::info!(%record, entries = n, "quarantine released");
+        Ok(n)
+    }
+
     /// An in-memory store (tests, simulation).
     pub fn memory(schema: Arc<Schema>, node: NodeId, clock: Arc<dyn Clock>) -> Store {
         Store::with_kv(
