@@ -29,8 +29,8 @@ use crate::client::{CliError, Client, exit, token_from};
 
 /// mimalloc instead of the system allocator: a node builds and drops many
 /// small Automerge structures per record. Measured with `entente bench
-/// store` (BENCHMARKS.md): batched creates, single creates and point reads
-/// about 15-25% faster than with glibc's malloc.
+/// store` (BENCHMARKS.md): batched creates about 20-25%, point reads
+/// 15-25% and single creates 7-17% faster than with glibc's malloc.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
