@@ -425,8 +425,9 @@ struct Slot {
     /// Unique entries computed by `check_unique`, reused by `index`.
     unique_now: Option<Vec<(String, String)>>,
     /// Created by this operation, locally, without `force`: one change, no
-    /// delete, references checked live, unique values checked unclaimed.
-    /// None of its own subjects can hold a collision (see `finish`).
+    /// delete, unique values checked unclaimed. Its update_delete, flagged
+    /// and duplicate subjects cannot hold a collision and are not evaluated;
+    /// its references still are (see `finish`).
     fresh: bool,
 }
 
