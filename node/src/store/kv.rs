@@ -60,6 +60,20 @@ impl Cf {
         Cf::Quarantine,
     ];
 
+    /// How many separators (`0` bytes) end the prefix this family is
+    /// scanned by, if it is only ever scanned by one kind of prefix: the
+    /// record id for the per-record families, (collection, key, value hash)
+    /// for the unique-value index. RocksDB keeps a bloom filter of these
+    /// prefixes, in the memtable and in every table file, so a scan for a
+    /// prefix no key has skips them instead of seeking into each.
+    pub fn prefix_separators(&self) -> Option<usize> {
+        match self {
+            Cf::Chunks | Cf::Refs | Cf::Pending | Cf::CollisionIndex => Some(1),
+            Cf::Unique => Some(3),
+            _ => None,
+        }
+    }
+
     /// The RocksDB name.
     pub fn name(&self) -> &'static str {
         match self {
@@ -115,6 +129,47 @@ impl std::fmt::Debug for RocksKv {
 /// Memory RocksDB may use for its block cache (bytes).
 pub const BLOCK_CACHE_BYTES: usize = 64 << 20;
 
+/// The length of `key`'s prefix ending with its `n`-th separator, if it has
+/// that many.
+pub fn prefix_len(key: &[u8], n: usize) -> Option<usize> {
+    let mut seen = 0;
+    for (i, b) in key.iter().enumerate() {
+        if *b == 0 {
+            seen += 1;
+            if seen == n {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+// RocksDB's prefix extractors are plain function pointers, one per shape.
+fn prefix_1(key: &[u8]) -> &[u8] {
+    &key[..prefix_len(key, 1).unwrap_or(key.len())]
+}
+fn in_domain_1(key: &[u8]) -> bool {
+    prefix_len(key, 1).is_some()
+}
+fn prefix_3(key: &[u8]) -> &[u8] {
+    &key[..prefix_len(key, 3).unwrap_or(key.len())]
+}
+fn in_domain_3(key: &[u8]) -> bool {
+    prefix_len(key, 3).is_some()
+}
+
+/// The smallest key greater than every key starting with `prefix`, if any.
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 impl RocksKv {
     /// Opens (or creates) the database. With `sync`, every batch is fsynced
     /// before `write` returns; without it, it is in the OS page cache only
@@ -133,6 +188,16 @@ impl RocksKv {
                 let mut t = rocksdb::BlockBasedOptions::default();
                 t.set_block_cache(&cache);
                 t.set_bloom_filter(10.0, false);
+                if let Some(n) = cf.prefix_separators() {
+                    let (name, f, d): (&str, fn(&[u8]) -> &[u8], fn(&[u8]) -> bool) = match n {
+                        1 => ("entente.sep1", prefix_1, in_domain_1),
+                        _ => ("entente.sep3", prefix_3, in_domain_3),
+                    };
+                    o.set_prefix_extractor(rocksdb::SliceTransform::create(name, f, Some(d)));
+                    o.set_memtable_prefix_bloom_ratio(0.05);
+                    // The unique index is only ever scanned, never read by key.
+                    t.set_whole_key_filtering(*cf != Cf::Unique);
+                }
                 o.set_block_based_table_factory(&t);
                 o.set_write_buffer_size(16 << 20);
                 if matches!(cf, Cf::Snapshots | Cf::Chunks) {
@@ -143,6 +208,15 @@ impl RocksKv {
             .collect();
         let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?;
         Ok(RocksKv { db, sync })
+    }
+
+    /// Writes every memtable out to table files (tests use it to read
+    /// through table files rather than the memtable).
+    pub fn flush(&self) -> Result<()> {
+        for cf in Cf::ALL {
+            self.db.flush_cf(self.cf(cf)?)?;
+        }
+        Ok(())
     }
 
     fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily> {
@@ -159,8 +233,23 @@ impl Kv for RocksKv {
 
     fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], visit: Visit<'_>) -> Result<()> {
         let from = if start > prefix { start } else { prefix };
-        let it = self.db.iterator_cf(
+        let mut ro = rocksdb::ReadOptions::default();
+        if let Some(end) = successor(prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        // A scan by exactly the family's prefix may use its bloom filters;
+        // any other scan must see every key in order.
+        let whole_prefix = cf
+            .prefix_separators()
+            .is_some_and(|n| prefix_len(prefix, n) == Some(prefix.len()));
+        if whole_prefix {
+            ro.set_prefix_same_as_start(true);
+        } else {
+            ro.set_total_order_seek(true);
+        }
+        let it = self.db.iterator_cf_opt(
             self.cf(cf)?,
+            ro,
             rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward),
         );
         for item in it {
@@ -264,5 +353,90 @@ impl<T: Kv> Kv for std::sync::Arc<T> {
     }
     fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
         (**self).write(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(kv: &dyn Kv, cf: Cf, prefix: &[u8], start: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        kv.scan(cf, prefix, start, &mut |k, _| {
+            out.push(k.to_vec());
+            true
+        })
+        .expect("scan");
+        out
+    }
+
+    /// Scans of families with a prefix extractor give what an ordered map
+    /// gives, for whole prefixes, shorter prefixes and none, from the
+    /// memtable, from table files and from both.
+    #[test]
+    fn prefix_scans_match_an_ordered_map() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rocks = RocksKv::open(dir.path(), false).expect("open");
+        let mem = MemKv::new();
+        let batch = |round: u8| -> Vec<BatchOp> {
+            let mut b = Vec::new();
+            for holder in [b"r1".as_slice(), b"r2", b"r10"] {
+                for value in [b"v".as_slice(), b"v\xff", b"w"] {
+                    let mut k = b"contacts\0email\0".to_vec();
+                    k.extend_from_slice(value);
+                    k.push(0);
+                    k.extend_from_slice(holder);
+                    k.push(round);
+                    b.push((Cf::Unique, k, Some(Vec::new())));
+                }
+                let mut c = holder.to_vec();
+                c.push(0);
+                c.extend_from_slice(&[0, 0, 0, round]);
+                b.push((Cf::Chunks, c, Some(vec![round])));
+            }
+            b.push((Cf::Chunks, b"r1".to_vec(), Some(Vec::new())));
+            b
+        };
+        for kv in [&rocks as &dyn Kv, &mem] {
+            kv.write(batch(1)).expect("write");
+        }
+        rocks.flush().expect("flush");
+        for kv in [&rocks as &dyn Kv, &mem] {
+            kv.write(batch(2)).expect("write");
+        }
+        let cases: [(Cf, &[u8], &[u8]); 9] = [
+            (Cf::Unique, b"contacts\0email\0v\0", b"contacts\0email\0v\0"),
+            (Cf::Unique, b"contacts\0email\0v\xff\0", b""),
+            (Cf::Unique, b"contacts\0email\0x\0", b""),
+            (Cf::Unique, b"contacts\0email\0", b""),
+            (Cf::Unique, b"contacts\0", b"contacts\0email\0w"),
+            (Cf::Unique, b"", b""),
+            (Cf::Chunks, b"r1\0", b"r1\0"),
+            (Cf::Chunks, b"r1", b""),
+            (Cf::Chunks, b"r1\0", b"r1\0\0\0\0\x02"),
+        ];
+        for (cf, prefix, start) in cases {
+            let want = keys(&mem, cf, prefix, start);
+            assert_eq!(
+                keys(&rocks, cf, prefix, start),
+                want,
+                "{cf:?} {prefix:?} from {start:?}"
+            );
+        }
+        assert_eq!(
+            keys(&mem, Cf::Unique, b"contacts\0email\0v\0", b"").len(),
+            6
+        );
+        assert_eq!(keys(&mem, Cf::Unique, b"", b"").len(), 18);
+    }
+
+    #[test]
+    fn successor_bounds_every_key_with_the_prefix() {
+        assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(successor(b"\xff\xff"), None);
+        assert_eq!(successor(b""), None);
+        assert_eq!(prefix_len(b"a\0b\0c\0d", 3), Some(6));
+        assert_eq!(prefix_len(b"a\0b", 3), None);
     }
 }
