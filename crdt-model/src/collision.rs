@@ -365,64 +365,71 @@ pub fn detect_update_delete(schema: &Schema, r: &Record) -> Option<Collision> {
 
 /// Concurrent different values of `flag` fields on a live record.
 pub fn detect_flagged(schema: &Schema, r: &Record) -> Vec<Collision> {
-    let mut out = Vec::new();
-    if r.is_deleted() {
-        return out;
-    }
-    let (Some(collection), Some(id)) = (r.collection(), r.id()) else {
-        return out;
+    let Some(collection) = r.collection() else {
+        return Vec::new();
     };
     let Ok(def) = schema.collection(&collection) else {
-        return out;
+        return Vec::new();
     };
-    for (name, f) in &def.fields {
-        if f.policy != MergePolicy::Flag {
-            continue;
-        }
-        let vals = r.field_values(schema, name);
-        let distinct: BTreeSet<&FieldValue> = vals.iter().map(|(v, _)| v).collect();
-        if distinct.len() < 2 {
-            continue;
-        }
-        let hashes: Vec<ChangeHash> = vals.iter().map(|(_, h)| *h).collect();
-        let cid = CollisionId::derive(&[
-            b"flagged_field",
-            id.as_str().as_bytes(),
-            name.as_bytes(),
-            &hashes_hex(&hashes),
-        ]);
-        let fields: BTreeMap<String, Json> = r.fields_json(schema).into_iter().collect();
-        let mut sides: Vec<Side> = vals
-            .iter()
-            .map(|(v, h)| {
-                let sv = side_value(r, v.to_json(), h);
-                let mut f = fields.clone();
-                f.insert(name.clone(), v.to_json());
-                Side {
-                    record: id.clone(),
-                    role: "value".into(),
-                    node: sv.node,
-                    at_ms: sv.at_ms,
-                    fields: f,
-                    values: BTreeMap::from([(name.clone(), sv)]),
-                }
-            })
-            .collect();
-        sides.sort_by(|a, b| {
-            (a.at_ms, &a.values[name].change).cmp(&(b.at_ms, &b.values[name].change))
-        });
-        out.push(Collision {
-            id: cid,
-            kind: CollisionKind::FlaggedField,
-            collection: collection.clone(),
-            records: vec![id.clone()],
-            field: Some(name.clone()),
-            value: None,
-            sides,
-            status: Status::Open,
-        });
+    def.fields
+        .iter()
+        .filter(|(_, f)| f.policy == MergePolicy::Flag)
+        .filter_map(|(name, _)| detect_flagged_field(schema, r, name))
+        .collect()
+}
+
+/// [`detect_flagged`] for one field: concurrent different values of `name`
+/// on a live record, when it is a `flag` field.
+pub fn detect_flagged_field(schema: &Schema, r: &Record, name: &str) -> Option<Collision> {
+    let collection = r.collection()?;
+    if schema.field(&collection, name).ok()?.policy != MergePolicy::Flag {
+        return None;
     }
-    out
+    // Cheap first: one value (the usual case) holds no collision.
+    if r.values_of(schema, &collection, name).len() < 2 || r.is_deleted() {
+        return None;
+    }
+    let id = r.id()?;
+    let vals = r.field_values(schema, name);
+    let distinct: BTreeSet<&FieldValue> = vals.iter().map(|(v, _)| v).collect();
+    if distinct.len() < 2 {
+        return None;
+    }
+    let hashes: Vec<ChangeHash> = vals.iter().map(|(_, h)| *h).collect();
+    let cid = CollisionId::derive(&[
+        b"flagged_field",
+        id.as_str().as_bytes(),
+        name.as_bytes(),
+        &hashes_hex(&hashes),
+    ]);
+    let fields: BTreeMap<String, Json> = r.fields_json(schema).into_iter().collect();
+    let mut sides: Vec<Side> = vals
+        .iter()
+        .map(|(v, h)| {
+            let sv = side_value(r, v.to_json(), h);
+            let mut f = fields.clone();
+            f.insert(name.to_string(), v.to_json());
+            Side {
+                record: id.clone(),
+                role: "value".into(),
+                node: sv.node,
+                at_ms: sv.at_ms,
+                fields: f,
+                values: BTreeMap::from([(name.to_string(), sv)]),
+            }
+        })
+        .collect();
+    sides.sort_by(|a, b| (a.at_ms, &a.values[name].change).cmp(&(b.at_ms, &b.values[name].change)));
+    Some(Collision {
+        id: cid,
+        kind: CollisionKind::FlaggedField,
+        collection,
+        records: vec![id],
+        field: Some(name.to_string()),
+        value: None,
+        sides,
+        status: Status::Open,
+    })
 }
 
 /// The normalized values a live record claims for a unique key: every
@@ -436,9 +443,9 @@ pub fn unique_values(schema: &Schema, r: &Record, key: &UniqueKey) -> BTreeSet<S
         return BTreeSet::new();
     };
     claims(key, |f| {
-        r.field_values(schema, f)
+        r.values_of(schema, &collection, f)
             .iter()
-            .map(|(v, _)| schema.normalize(&collection, f, v))
+            .map(|v| schema.normalize(&collection, f, v))
             .collect()
     })
 }

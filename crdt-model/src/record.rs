@@ -331,6 +331,23 @@ impl Record {
             .collect()
     }
 
+    /// Every value `field` has now, without the changes that wrote them
+    /// (cheaper than [`Record::field_values`]), for a record of `collection`.
+    pub fn values_of(&self, schema: &Schema, collection: &str, field: &str) -> Vec<FieldValue> {
+        let Ok(def) = schema.field(collection, field) else {
+            return Vec::new();
+        };
+        self.doc
+            .get_all(ROOT, field)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(v, _)| match v {
+                Value::Scalar(s) => Some(FieldValue::from_scalar(&def.ty, s.as_ref())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The node and time of a change in this document.
     pub fn change_origin(&self, hash: &ChangeHash) -> (Option<NodeId>, i64) {
         match self.doc.get_change_meta_by_hash(hash) {

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use automerge::{Automerge, Change, ChangeHash, ROOT, ReadDoc};
 use entente_model::collision::{
     self, PlannedWrite, ResolutionEntry, ResolveRequest, Status, detect_dangling, detect_duplicate,
-    detect_flagged, detect_update_delete, unique_values, unique_values_of_new,
+    detect_flagged_field, detect_update_delete, unique_values, unique_values_of_new,
 };
 use entente_model::ids::hex_lower;
 use entente_model::record::{heads_from_hex, heads_to_hex};
@@ -736,18 +736,31 @@ impl Store {
         Ok(true)
     }
 
-    /// Reads a record without taking it (cache or storage).
-    fn read(&mut self, id: &RecordId) -> Result<Option<(Record, RecordMeta)>> {
+    /// Runs `f` on a record without taking it into a working set, from the
+    /// cache or storage, and without copying its document. With `cache`, a
+    /// record read from storage stays in the cache afterwards; without it
+    /// (serving a peer's fetch, a listing page) only records that were
+    /// already cached stay there, so bulk reads do not push out the
+    /// documents in use.
+    fn with_record<T>(
+        &mut self,
+        id: &RecordId,
+        cache: bool,
+        f: impl FnOnce(&Self, &Record, &RecordMeta) -> T,
+    ) -> Result<Option<T>> {
         let tx = Tx::new(self.kv.clone());
         let Some(meta) = self.meta(&tx, id)? else {
             return Ok(None);
         };
-        if let Some(r) = self.cache.get(id) {
-            return Ok(Some((r.clone(), meta)));
+        let (rec, cached) = match self.cache.pop(id) {
+            Some(r) => (r, true),
+            None => (self.load_doc(id, &meta)?, false),
+        };
+        let out = f(self, &rec, &meta);
+        if cache || cached {
+            self.cache.put(id.clone(), rec);
         }
-        let rec = self.load_doc(id, &meta)?;
-        self.cache.put(id.clone(), rec.clone());
-        Ok(Some((rec, meta)))
+        Ok(Some(out))
     }
 
     /// Follows `merged_into` to the survivor.
@@ -771,10 +784,12 @@ impl Store {
     /// A record by id; a merged-away id is answered by its survivor.
     pub fn get(&mut self, id: &RecordId) -> Result<Option<RecordView>> {
         let target = self.resolve_alias(id)?;
-        let Some((rec, meta)) = self.read(&target)? else {
+        let Some(view) =
+            self.with_record(&target, true, |s, rec, meta| s.view(&target, rec, meta))?
+        else {
             return Ok(None);
         };
-        let mut view = self.view(&target, &rec, &meta)?;
+        let mut view = view?;
         if &target != id {
             view.requested_id = Some(id.clone());
         }
@@ -783,7 +798,7 @@ impl Store {
 
     /// The record's document (for history, raw bytes, sync).
     pub fn record(&mut self, id: &RecordId) -> Result<Option<Record>> {
-        Ok(self.read(id)?.map(|(r, _)| r))
+        self.with_record(id, true, |_, rec, _| rec.clone())
     }
 
     fn view(&self, id: &RecordId, rec: &Record, meta: &RecordMeta) -> Result<RecordView> {
@@ -872,8 +887,8 @@ impl Store {
         }
         let mut records = Vec::with_capacity(ids.len());
         for id in &ids {
-            if let Some((rec, meta)) = self.read(id)? {
-                records.push(self.view(id, &rec, &meta)?);
+            if let Some(view) = self.with_record(id, false, |s, rec, meta| s.view(id, rec, meta))? {
+                records.push(view?);
             }
         }
         Ok(Page {
@@ -920,19 +935,15 @@ impl Store {
     /// The record's history: every change, who, where, when, what it wrote.
     pub fn history(&mut self, id: &RecordId) -> Result<Vec<HistoryEntry>> {
         let target = self.resolve_alias(id)?;
-        let (rec, _) = self
-            .read(&target)?
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        Ok(rec.history(&self.schema))
+        self.with_record(&target, true, |s, rec, _| rec.history(&s.schema))?
+            .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
     /// The record's whole Automerge document, saved (for any Automerge reader).
     pub fn raw_document(&mut self, id: &RecordId) -> Result<Vec<u8>> {
         let target = self.resolve_alias(id)?;
-        let (rec, _) = self
-            .read(&target)?
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        Ok(rec.doc().save())
+        self.with_record(&target, false, |_, rec, _| rec.doc().save())?
+            .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
     /// The collection of a record (`None` when unknown), from its metadata.
@@ -989,20 +1000,20 @@ impl Store {
     /// The raw bytes of the record's changes that are not in the past of
     /// `have` (all of them for an empty `have`), in dependency order.
     pub fn changes_for(&mut self, id: &RecordId, have: &[ChangeHash]) -> Result<Vec<Vec<u8>>> {
-        let Some((rec, _)) = self.read(id)? else {
-            return Ok(Vec::new());
-        };
-        let have: Vec<ChangeHash> = have
-            .iter()
-            .filter(|h| rec.doc().get_change_meta_by_hash(h).is_some())
-            .copied()
-            .collect();
-        Ok(rec
-            .doc()
-            .get_changes(&have)
-            .iter()
-            .map(|c| c.raw_bytes().to_vec())
-            .collect())
+        // Not cached: a peer's full sync reads every record once.
+        let changes = self.with_record(id, false, |_, rec, _| {
+            let have: Vec<ChangeHash> = have
+                .iter()
+                .filter(|h| rec.doc().get_change_meta_by_hash(h).is_some())
+                .copied()
+                .collect();
+            rec.doc()
+                .get_changes(&have)
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect()
+        })?;
+        Ok(changes.unwrap_or_default())
     }
 
     /// Counts.
@@ -1859,7 +1870,7 @@ impl Store {
         };
         let mut refs = Vec::new();
         for (field, _) in self.schema.references(&collection) {
-            for (v, _) in slot.rec.field_values(&self.schema, &field) {
+            for v in slot.rec.values_of(&self.schema, &collection, &field) {
                 refs.push((field.clone(), v.to_text()));
             }
         }
@@ -2246,10 +2257,7 @@ impl Store {
                 .and_then(|r| detect_update_delete(&self.schema, r)),
             Subject::Flagged(id, field) => self
                 .peek(work, tx, id)?
-                .map(|r| detect_flagged(&self.schema, r))
-                .unwrap_or_default()
-                .into_iter()
-                .find(|c| c.field.as_deref() == Some(field.as_str())),
+                .and_then(|r| detect_flagged_field(&self.schema, r, field)),
             Subject::Dangling(id, field) => {
                 let target = match self.peek(work, tx, id)? {
                     Some(r) if !r.is_deleted() => r
