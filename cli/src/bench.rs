@@ -67,6 +67,10 @@ pub enum Which {
         /// Contacts per batch when filling it.
         #[arg(long, default_value_t = 1_000)]
         batch: usize,
+        /// Catch up by feed pages and fetches instead of the bulk full sync
+        /// an empty node uses by default (to compare the two).
+        #[arg(long)]
+        no_bulk: bool,
     },
     /// The HTTP API on loopback: single creates with 1 and with N concurrent
     /// clients, an import of JSON lines, a read of the changes feed.
@@ -91,7 +95,11 @@ pub fn run(which: Which) -> Result<()> {
             dir,
         } => collisions(records, history, dir),
         Which::Net { records, batch } => crate::bench_net::run(records, batch.max(1)),
-        Which::Sync { records, batch } => crate::bench_sync::run(records.max(1), batch.max(1)),
+        Which::Sync {
+            records,
+            batch,
+            no_bulk,
+        } => crate::bench_sync::run(records.max(1), batch.max(1), !no_bulk),
         Which::Api(a) => crate::bench_api::run(a),
         Which::Latency(l) => crate::bench_latency::run(l),
     }

@@ -5,8 +5,10 @@
 //! empty (fsynced batches, as a node runs). Two [`SyncEngine`]s exchange
 //! encoded frames through an in-order queue; nothing else runs. Figures:
 //!
-//! 1. **Catch-up**: time until B holds all N records, records/s, bytes on
-//!    the wire per record (encoded frames both ways); the raw limit is
+//! 1. **Catch-up**: time until B holds all N records (by the bulk full sync
+//!    an empty node uses, or with `--no-bulk` by feed pages and fetches),
+//!    records/s, bytes on the wire per record (encoded frames both ways);
+//!    the raw limit is
 //!    `Automerge::load` of each record's saved document (A's stored
 //!    documents saved to bytes beforehand), the cheapest way to bring the
 //!    same documents into memory, no storage. Then the echo: A pulling B's
@@ -112,14 +114,23 @@ fn delta(a: SyncStats, b: SyncStats) -> SyncStats {
         changes_applied: b.changes_applied - a.changes_applied,
         records_rejected: b.records_rejected - a.records_rejected,
         records_ignored: b.records_ignored - a.records_ignored,
+        bulk_pulls: b.bulk_pulls - a.bulk_pulls,
+        records_bulk: b.records_bulk - a.records_bulk,
     }
 }
 
-pub fn run(records: usize, batch: usize) -> Result<()> {
+pub fn run(records: usize, batch: usize, bulk: bool) -> Result<()> {
     let tmp = tempfile::Builder::new()
         .prefix("entente-bench-sync-")
         .tempdir()?;
-    println!("entente bench sync: {records} contacts, catch-up through the sync engine");
+    println!(
+        "entente bench sync: {records} contacts, catch-up through the sync engine ({})",
+        if bulk {
+            "bulk full sync"
+        } else {
+            "feed pages and fetches"
+        }
+    );
 
     let mut a = open(&tmp.path().join("a"), 1, false)?;
     let fill = Instant::now();
@@ -157,7 +168,10 @@ pub fn run(records: usize, batch: usize) -> Result<()> {
     drop(saved);
 
     let b = open(&tmp.path().join("b"), 2, true)?;
-    let config = SyncConfig::default();
+    let config = SyncConfig {
+        bulk_full_sync: bulk,
+        ..SyncConfig::default()
+    };
     let engines = [
         SyncEngine::new(&a, config.clone())?,
         SyncEngine::new(&b, config)?,
@@ -242,6 +256,10 @@ pub fn run(records: usize, batch: usize) -> Result<()> {
     println!(
         "| bytes on the wire per record | {:.0} ({bytes} bytes in {frames} frames) |",
         bytes as f64 / records as f64
+    );
+    println!(
+        "| B's bulk pages / records received whole | {} / {} |",
+        b_stats.bulk_pulls, b_stats.records_bulk
     );
     println!(
         "| B's pulls / fetches / records fetched | {} / {} / {} |",

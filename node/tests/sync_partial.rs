@@ -26,6 +26,8 @@ fn config(collections: &[&str]) -> SyncConfig {
         fetch_batch: 2,
         fetch_budget_bytes: 4096,
         collections: collections.iter().map(|c| c.to_string()).collect(),
+        // The ordinary path unless a test asks for the bulk full sync.
+        bulk_full_sync: false,
         ..SyncConfig::default()
     }
 }
@@ -54,9 +56,27 @@ impl Pair {
     }
 
     fn with(s0: Store, s1: Store, a: &[&str], b: &[&str]) -> Pair {
+        Pair::with_bulk(s0, s1, a, b, false)
+    }
+
+    fn with_bulk(s0: Store, s1: Store, a: &[&str], b: &[&str], bulk: bool) -> Pair {
         let engines = [
-            SyncEngine::new(&s0, config(a)).unwrap(),
-            SyncEngine::new(&s1, config(b)).unwrap(),
+            SyncEngine::new(
+                &s0,
+                SyncConfig {
+                    bulk_full_sync: bulk,
+                    ..config(a)
+                },
+            )
+            .unwrap(),
+            SyncEngine::new(
+                &s1,
+                SyncConfig {
+                    bulk_full_sync: bulk,
+                    ..config(b)
+                },
+            )
+            .unwrap(),
         ];
         Pair {
             stores: [s0, s1],
@@ -196,7 +216,16 @@ fn unknown_collections_are_refused_in_the_config_and_in_a_hello() {
 
 #[test]
 fn a_partial_node_is_served_and_stores_only_its_collections() {
-    let mut p = Pair::new(&[], &["contacts", "addresses"]);
+    served_only_its_collections(false);
+}
+
+#[test]
+fn a_partial_node_filled_in_bulk_gets_only_its_collections() {
+    served_only_its_collections(true);
+}
+
+fn served_only_its_collections(bulk: bool) {
+    let mut p = Pair::with_bulk(store(1), store(2), &[], &["contacts", "addresses"], bulk);
     // Pages of 2 entries: the tags come first, so whole pages hold nothing
     // the partial node wants and must still move its checkpoint on.
     for i in 0..5 {
@@ -226,7 +255,13 @@ fn a_partial_node_is_served_and_stores_only_its_collections() {
     assert_eq!(p.collections(1), set(&["addresses", "contacts"]));
     assert_eq!(p.stores[1].stats().unwrap().records, 6);
     let st = p.engines[1].stats();
-    assert_eq!(st.records_fetched, 6, "only the wanted records: {st:?}");
+    if bulk {
+        assert_eq!(st.records_bulk, 6, "only the wanted records: {st:?}");
+        assert_eq!(st.records_fetched, 0, "{st:?}");
+    } else {
+        assert_eq!(st.records_fetched, 6, "only the wanted records: {st:?}");
+        assert_eq!(st.bulk_pulls, 0, "{st:?}");
+    }
     assert_eq!(st.records_ignored, 0);
     // The checkpoint is at the end of node 0's feed, past the tags and notes.
     let cp = entente_node::sync::load_checkpoint(&p.stores[1], &NodeId([1; 16])).unwrap();

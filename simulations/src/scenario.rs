@@ -162,6 +162,9 @@ pub struct Outcome {
     pub changed: usize,
     /// Virtual time simulated (ms).
     pub sim_ms: u64,
+    /// Records that nodes up at the end received whole in a bulk full sync
+    /// (a late joiner fills itself this way).
+    pub records_bulk: u64,
 }
 
 /// The command that replays `seed` of `scenario` with `opts`.
@@ -320,6 +323,10 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
         after_heal,
         changed,
         sim_ms: sim.now(),
+        records_bulk: (0..n)
+            .filter_map(|i| sim.engine(i))
+            .map(|e| e.stats().records_bulk)
+            .sum(),
     })
 }
 

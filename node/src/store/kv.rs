@@ -144,6 +144,9 @@ pub fn prefix_len(key: &[u8], n: usize) -> Option<usize> {
     None
 }
 
+/// A RocksDB prefix extractor: name, transform, in-domain test.
+type Extractor = (&'static str, fn(&[u8]) -> &[u8], fn(&[u8]) -> bool);
+
 // RocksDB's prefix extractors are plain function pointers, one per shape.
 fn prefix_1(key: &[u8]) -> &[u8] {
     &key[..prefix_len(key, 1).unwrap_or(key.len())]
@@ -189,7 +192,7 @@ impl RocksKv {
                 t.set_block_cache(&cache);
                 t.set_bloom_filter(10.0, false);
                 if let Some(n) = cf.prefix_separators() {
-                    let (name, f, d): (&str, fn(&[u8]) -> &[u8], fn(&[u8]) -> bool) = match n {
+                    let (name, f, d): Extractor = match n {
                         1 => ("entente.sep1", prefix_1, in_domain_1),
                         _ => ("entente.sep3", prefix_3, in_domain_3),
                     };

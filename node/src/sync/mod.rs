@@ -28,12 +28,24 @@
 //!    size-capped, panic-guarded there).
 //! 4. **Checkpoint.** When every record of a page is applied, the checkpoint
 //!    moves to the page's end, and the next page is pulled. At most one
-//!    request (pull or fetch) is outstanding per peer.
-//! 5. **Push.** A local write, and every record a fetch changed, is gossiped
+//!    request (pull, bulk or fetch) is outstanding per peer.
+//! 5. **Bulk full sync.** A node whose store is empty when a handshake
+//!    completes (and whose checkpoint for that peer is 0) has none of the
+//!    peer's records, so it asks for pages of the peer's feed as whole
+//!    records (`BulkRequest`/`BulkResponse`): every change of each record,
+//!    up to the byte budget (the first record of a page always goes, as a
+//!    prefix if it must, and is fetched on from its new heads). Each page is
+//!    applied as one batch, the checkpoint moves as in 4, and at the end of
+//!    the peer's feed the session pulls the ordinary way. Only one session
+//!    at a time is a bulk sync (a second would carry the same records), and
+//!    records received in bulk are not gossiped (they enter the local feed,
+//!    which the other peers pull). [`SyncConfig::bulk_full_sync`] turns it
+//!    off.
+//! 6. **Push.** A local write, and every record a fetch changed, is gossiped
 //!    as (id, heads) ([`Output::Broadcast`]); a receiver whose heads differ
 //!    queues a fetch. Lost gossip is repaired by the next pull.
-//! 6. **Anti-entropy.** An idle session pulls again every `pull_interval_ms`.
-//! 7. **Partial replication.** A node with [`SyncConfig::collections`] set
+//! 7. **Anti-entropy.** An idle session pulls again every `pull_interval_ms`.
+//! 8. **Partial replication.** A node with [`SyncConfig::collections`] set
 //!    names them in its `Hello`. A responder serves a peer only the feed
 //!    entries (and fetched records) of collections both replicate; a page's
 //!    `next_since` stays the end of the scanned range, so a page can be
@@ -142,6 +154,11 @@ pub struct SyncConfig {
     /// all). It pulls, fetches, stores and serves only these, and names
     /// them in its `Hello`.
     pub collections: BTreeSet<String>,
+    /// Bulk full sync: a node whose store is empty pulls its first peer's
+    /// feed as whole records ([`Message::BulkRequest`]) instead of ids and
+    /// heads followed by fetches. On by default; off, a new node syncs the
+    /// ordinary way (tests and benchmarks compare the two).
+    pub bulk_full_sync: bool,
     /// Most request/response rounds one verify run may take. A run that
     /// reaches it ends incomplete (`error` says so): a peer that keeps
     /// answering without settling its ranges cannot hold a run forever.
@@ -172,6 +189,7 @@ impl Default for SyncConfig {
             fetch_batch: 500,
             fetch_budget_bytes: 4 << 20,
             collections: BTreeSet::new(),
+            bulk_full_sync: true,
             verify_max_rounds: 10_000,
             planted_bug: None,
         }
@@ -258,12 +276,17 @@ pub struct SyncStats {
     /// Records of collections this node does not replicate that a peer sent
     /// anyway (dropped).
     pub records_ignored: u64,
+    /// Bulk requests sent (pages of a full sync as whole records).
+    pub bulk_pulls: u64,
+    /// Records received whole in bulk responses.
+    pub records_bulk: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum InFlight {
     None,
     Pull,
+    Bulk,
     Fetch(Vec<RecordId>),
 }
 
@@ -278,6 +301,9 @@ struct Session {
     queue: BTreeSet<RecordId>,
     /// The end of the page being fetched, and whether more pages follow.
     page_end: Option<(u64, bool)>,
+    /// This session is a bulk full sync: its pages are pulled as whole
+    /// records until the end of the peer's feed.
+    bulk: bool,
     /// The persisted checkpoint in the peer's feed.
     checkpoint: u64,
     /// When an idle session pulls again (ms).
@@ -398,6 +424,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 in_flight: InFlight::None,
                 queue: BTreeSet::new(),
                 page_end: None,
+                bulk: false,
                 checkpoint: 0,
                 next_pull_at: 0,
                 peer_checkpoint: None,
@@ -534,9 +561,17 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                     return Err(Error::Protocol(format!("handshake refused: {reason}")));
                 }
                 let checkpoint = load_checkpoint(store, &node_id)?;
+                // A node with nothing stored has none of the peer's records:
+                // it takes them whole, from one peer at a time (a second
+                // bulk stream would carry the same records again).
+                let bulk = self.config.bulk_full_sync
+                    && checkpoint == 0
+                    && store.feed_seq() == 0
+                    && !self.sessions.values().any(|s| s.bulk);
                 let s = self.session(peer);
                 s.remote = Some(node_id);
                 s.checkpoint = checkpoint;
+                s.bulk = bulk;
                 s.wants = collections.into_iter().collect();
                 tracing::debug!(remote = %node_id, checkpoint, "handshake done");
                 if checkpoint > 0
@@ -700,41 +735,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                         batch.push((id, changes));
                     }
                 }
-                let report = if batch.is_empty() {
-                    Default::default()
-                } else {
-                    store.apply_remote_only(
-                        self.sessions[peer].remote,
-                        &self.config.collections,
-                        batch,
-                    )?
-                };
-                let _applied = tracing::debug_span!(
-                    "applied_batch",
-                    records = report.records_changed,
-                    changes = report.changes_applied,
-                    pending = report.changes_pending,
-                    rejected = report.rejected.len()
-                )
-                .entered();
-                self.stats.changes_applied += report.changes_applied as u64;
-                self.stats.records_rejected += report.rejected.len() as u64;
-                self.stats.records_ignored += report.ignored.len() as u64;
-                if !report.ignored.is_empty() {
-                    tracing::debug!(
-                        records = report.ignored.len(),
-                        "records of collections not replicated here dropped"
-                    );
-                }
-                let rejected: BTreeSet<&RecordId> = report
-                    .rejected
-                    .iter()
-                    .map(|(id, _)| id)
-                    .chain(&report.ignored)
-                    .collect();
-                for (id, reason) in &report.rejected {
-                    tracing::warn!(record = %id, %reason, "peer's changes refused");
-                }
+                let rejected = self.apply_batch(peer, batch, store)?;
                 if let Some(run) = self.verifies.get_mut(peer) {
                     let mut offer = Vec::new();
                     for id in asked_ids {
@@ -787,6 +788,19 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 self.finish_verify_if_done(peer);
                 Ok(())
             }
+            Message::BulkRequest { since, limit } => {
+                let msg = self.answer_bulk(peer, since, limit, store)?;
+                out.push(Output::Send {
+                    peer: peer.clone(),
+                    msg,
+                });
+                Ok(())
+            }
+            Message::BulkResponse {
+                items,
+                next_since,
+                more,
+            } => self.on_bulk_response(peer, items, next_since, more, store, out),
             Message::VerifyRequest { ranges } => {
                 let (parts, compared) = verify::answer(store, &ranges)?;
                 tracing::debug!(
@@ -971,6 +985,151 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         Ok(())
     }
 
+    /// A page of this node's feed after `since` as whole records, for a
+    /// peer's bulk full sync: at most `limit` entries, and no more change
+    /// bytes than the fetch budget (past the first record, which goes, as a
+    /// prefix if it must, so every page makes progress).
+    fn answer_bulk(
+        &mut self,
+        peer: &P,
+        since: u64,
+        limit: u32,
+        store: &mut Store,
+    ) -> Result<Message> {
+        self.session(peer).peer_checkpoint = Some(since);
+        let limit = (limit as usize).clamp(1, wire::MAX_FETCH_ITEMS);
+        let mut page = store.changes_since(since, limit + 1)?;
+        let mut more = page.len() > limit;
+        page.truncate(limit);
+        let wants = &self.sessions[peer].wants;
+        let mut budget = self.config.fetch_budget_bytes;
+        let mut items = Vec::new();
+        let mut next_since = since;
+        for entry in page {
+            if !serves(&self.config.collections, wants, &entry.collection) {
+                next_since = entry.seq;
+                continue;
+            }
+            let changes = store.changes_for(&entry.id, &[])?;
+            let size: usize = changes.iter().map(Vec::len).sum();
+            if size > budget && !items.is_empty() {
+                more = true;
+                break;
+            }
+            let count = changes.len();
+            let mut taken = Vec::with_capacity(count);
+            for c in changes {
+                if c.len() > budget && !taken.is_empty() {
+                    break;
+                }
+                budget = budget.saturating_sub(c.len());
+                taken.push(c);
+            }
+            let complete = taken.len() == count;
+            items.push((entry.id, taken, complete));
+            next_since = entry.seq;
+        }
+        Ok(Message::BulkResponse {
+            items,
+            next_since,
+            more,
+        })
+    }
+
+    /// A page of a bulk full sync: applied as one batch; a record that came
+    /// as a prefix is fetched on from its new heads before the checkpoint
+    /// moves to the page's end. Records received in bulk are not gossiped:
+    /// they came from the peer's feed, and they enter this node's feed,
+    /// which its other peers pull.
+    fn on_bulk_response(
+        &mut self,
+        peer: &P,
+        items: Vec<(RecordId, Vec<Vec<u8>>, bool)>,
+        next_since: u64,
+        more: bool,
+        store: &mut Store,
+        out: &mut Vec<Output<P>>,
+    ) -> Result<()> {
+        let s = &self.sessions[peer];
+        if s.in_flight != InFlight::Bulk {
+            return Err(Error::Protocol("bulk response without a request".into()));
+        }
+        if next_since < s.checkpoint || (more && next_since == s.checkpoint) {
+            return Err(Error::Protocol(
+                "bulk response does not move the checkpoint on".into(),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let mut again = Vec::new();
+        let mut batch = Vec::with_capacity(items.len());
+        for (id, changes, complete) in items {
+            if !seen.insert(id.clone()) {
+                return Err(Error::Protocol(format!("bulk response names {id} twice")));
+            }
+            if !complete {
+                again.push(id.clone());
+            }
+            if !changes.is_empty() {
+                batch.push((id, changes));
+            }
+        }
+        self.stats.records_bulk += seen.len() as u64;
+        let refused = self.apply_batch(peer, batch, store)?;
+        let again: Vec<RecordId> = again
+            .into_iter()
+            .filter(|id| !refused.contains(id))
+            .collect();
+        let s = self.session(peer);
+        s.in_flight = InFlight::None;
+        s.queue.extend(again);
+        s.page_end = Some((next_since, more));
+        if !more {
+            // The end of the peer's feed: from here on, ordinary pulls.
+            s.bulk = false;
+        }
+        self.pump(peer, store, out)
+    }
+
+    /// Applies a peer's records as one store batch and counts it. Returns
+    /// the records the store refused or dropped (not fetched again).
+    fn apply_batch(
+        &mut self,
+        peer: &P,
+        batch: Vec<(RecordId, Vec<Vec<u8>>)>,
+        store: &mut Store,
+    ) -> Result<BTreeSet<RecordId>> {
+        if batch.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let report =
+            store.apply_remote_only(self.sessions[peer].remote, &self.config.collections, batch)?;
+        tracing::debug!(
+            records = report.records_changed,
+            changes = report.changes_applied,
+            pending = report.changes_pending,
+            rejected = report.rejected.len(),
+            "applied a batch"
+        );
+        self.stats.changes_applied += report.changes_applied as u64;
+        self.stats.records_rejected += report.rejected.len() as u64;
+        self.stats.records_ignored += report.ignored.len() as u64;
+        if !report.ignored.is_empty() {
+            tracing::debug!(
+                records = report.ignored.len(),
+                "records of collections not replicated here dropped"
+            );
+        }
+        for (id, reason) in &report.rejected {
+            tracing::warn!(record = %id, %reason, "peer's changes refused");
+        }
+        Ok(report
+            .rejected
+            .into_iter()
+            .map(|(id, _)| id)
+            .chain(report.ignored)
+            .collect())
+    }
+
     fn session(&mut self, peer: &P) -> &mut Session {
         self.sessions
             .get_mut(peer)
@@ -981,12 +1140,19 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         let limit = self.config.pull_limit;
         let s = self.session(peer);
         debug_assert_eq!(s.in_flight, InFlight::None);
-        s.in_flight = InFlight::Pull;
         let since = s.checkpoint;
-        self.stats.pulls += 1;
+        let msg = if s.bulk {
+            s.in_flight = InFlight::Bulk;
+            self.stats.bulk_pulls += 1;
+            Message::BulkRequest { since, limit }
+        } else {
+            s.in_flight = InFlight::Pull;
+            self.stats.pulls += 1;
+            Message::PullRequest { since, limit }
+        };
         out.push(Output::Send {
             peer: peer.clone(),
-            msg: Message::PullRequest { since, limit },
+            msg,
         });
     }
 
@@ -1103,6 +1269,7 @@ mod tests {
             fetch_batch: 2,
             fetch_budget_bytes: 300,
             collections: BTreeSet::new(),
+            bulk_full_sync: false,
             verify_max_rounds: 10_000,
             planted_bug: None,
         }
@@ -1300,6 +1467,142 @@ mod tests {
         assert_eq!(p.engines[1].stats().fetches, 6, "one change per response");
     }
 
+    /// The `Hello` node 2 sends to an engine over `s`.
+    fn hello_of_node_2(s: &Store) -> Message {
+        Message::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: NodeId([2; 16]),
+            schema_fingerprint: s.schema().fingerprint().to_string(),
+            collections: Vec::new(),
+        }
+    }
+
+    fn bulk() -> SyncConfig {
+        SyncConfig {
+            bulk_full_sync: true,
+            pull_limit: 3,
+            ..small()
+        }
+    }
+
+    #[test]
+    fn a_new_node_takes_whole_records_in_bulk_pages_then_pulls() {
+        let mut p = Pair::new(SyncConfig {
+            fetch_budget_bytes: 600,
+            ..bulk()
+        });
+        for i in 0..8 {
+            create(&mut p.stores[0], &format!("a{i}@x.org"));
+        }
+        // One record bigger than a page's byte budget: it comes as a prefix
+        // and is fetched on.
+        let big = create(&mut p.stores[0], "big@x.org");
+        for i in 0..6 {
+            let f = json!({"notes": format!("{i}").repeat(150)});
+            p.stores[0]
+                .update(&big, f.as_object().unwrap(), None, false)
+                .unwrap();
+        }
+        p.connect();
+        p.run();
+        assert!(p.closed.is_empty(), "{:?}", p.closed);
+        assert_eq!(p.feed(0), p.feed(1));
+        assert_eq!(p.feed(1).len(), 9);
+        assert!(p.engines.iter().all(|e| e.is_idle()));
+        let b = p.engines[1].stats();
+        // Every record came whole or as a prefix in bulk pages, none listed
+        // by a pull first; only the big record's rest was fetched.
+        assert_eq!(b.records_bulk, 9, "{b:?}");
+        assert!(b.bulk_pulls >= 3, "pages of at most 3 records: {b:?}");
+        assert!(b.fetches >= 1, "the big record's rest: {b:?}");
+        assert_eq!(b.records_fetched, b.fetches, "{b:?}");
+        assert!(p.sent.contains(&"bulk-resp"));
+        assert_eq!(
+            load_checkpoint(&p.stores[1], &NodeId([1; 16])).unwrap(),
+            p.stores[0].feed_seq()
+        );
+        // Node 0 had records of its own: it pulled node 1 the ordinary way.
+        assert_eq!(p.engines[0].stats().bulk_pulls, 0);
+        // After the full sync, the session pulls the ordinary way.
+        let pulls = b.pulls;
+        let late = create(&mut p.stores[0], "late@x.org");
+        let o = p.engines[1].tick(1_000_000);
+        p.apply(1, o);
+        p.run();
+        let b = p.engines[1].stats();
+        assert_eq!(b.pulls, pulls + 1, "{b:?}");
+        assert_eq!(b.records_bulk, 9, "{b:?}");
+        assert!(p.stores[1].get(&late).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_node_with_records_or_with_bulk_off_pulls_the_ordinary_way() {
+        for (config, seed_b) in [(bulk(), true), (small(), false)] {
+            let mut p = Pair::new(config);
+            for i in 0..4 {
+                create(&mut p.stores[0], &format!("a{i}@x.org"));
+            }
+            if seed_b {
+                create(&mut p.stores[1], "b@x.org");
+            }
+            p.connect();
+            p.run();
+            assert_eq!(p.feed(0), p.feed(1));
+            let b = p.engines[1].stats();
+            assert_eq!((b.bulk_pulls, b.records_bulk), (0, 0), "{b:?}");
+            assert!(b.records_fetched >= 4, "{b:?}");
+            assert_eq!(b.changes_applied, 4, "{b:?}");
+            assert!(!p.sent.contains(&"bulk-req"));
+        }
+    }
+
+    #[test]
+    fn an_unasked_or_stuck_bulk_response_closes_the_session() {
+        let mut s = store(1);
+        let mut e: SyncEngine<u8> = SyncEngine::new(&s, bulk()).unwrap();
+        let hello = hello_of_node_2(&s);
+        e.peer_connected(7);
+        let o = e.handle_message(&7, &hello.encode().unwrap(), &mut s);
+        // An empty store asks for its first page in bulk.
+        assert!(
+            matches!(
+                &o[..],
+                [Output::Send {
+                    msg: Message::BulkRequest { since: 0, .. },
+                    ..
+                }]
+            ),
+            "{o:?}"
+        );
+        // "More" without moving on would loop forever.
+        let stuck = Message::BulkResponse {
+            items: vec![],
+            next_since: 0,
+            more: true,
+        };
+        let o = e.handle_message(&7, &stuck.encode().unwrap(), &mut s);
+        assert!(
+            matches!(&o[..], [Output::Disconnect { reason, .. }] if reason.contains("checkpoint")),
+            "{o:?}"
+        );
+        // A bulk response nobody asked for.
+        e.peer_connected(7);
+        let o = e.handle_message(&7, &hello.encode().unwrap(), &mut s);
+        assert_eq!(o.len(), 1);
+        let done = Message::BulkResponse {
+            items: vec![],
+            next_since: 0,
+            more: false,
+        };
+        let o = e.handle_message(&7, &done.encode().unwrap(), &mut s);
+        assert!(o.is_empty(), "an empty last page ends the bulk sync: {o:?}");
+        let o = e.handle_message(&7, &done.encode().unwrap(), &mut s);
+        assert!(
+            matches!(&o[..], [Output::Disconnect { reason, .. }] if reason.contains("without a request")),
+            "{o:?}"
+        );
+    }
+
     #[test]
     fn schema_mismatch_is_refused_with_a_reason_on_both_sides() {
         let mut p = Pair::new(small());
@@ -1323,12 +1626,7 @@ mod tests {
     fn bad_frames_and_out_of_turn_messages_close_the_session() {
         let mut s = store(1);
         let mut e: SyncEngine<u8> = SyncEngine::new(&s, small()).unwrap();
-        let hello = Message::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: NodeId([2; 16]),
-            schema_fingerprint: s.schema().fingerprint().to_string(),
-            collections: Vec::new(),
-        };
+        let hello = hello_of_node_2(&s);
         // Garbage.
         e.peer_connected(7);
         let o = e.handle_message(&7, &[1, 200, 3], &mut s);

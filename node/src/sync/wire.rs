@@ -20,8 +20,8 @@ use crate::store::MAX_CHANGE_BYTES;
 /// replicated collections).
 pub const WIRE_VERSION: u8 = 2;
 /// The replication protocol version carried in the handshake (2: partial
-/// replication).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// replication; 3: the bulk full sync, `BulkRequest`/`BulkResponse`).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted or produced (bytes).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Most feed entries in one pull response, and most ids in one push.
@@ -173,6 +173,29 @@ pub enum Message {
         /// Sorted, disjoint parts, each within a requested range.
         parts: Vec<(IdRange, PartSummary)>,
     },
+    /// Bulk full sync: "your feed after `since` as whole records, at most
+    /// `limit` of them". Sent by a node with an empty store instead of
+    /// [`Message::PullRequest`]: it has none of the records, so naming their
+    /// heads first and fetching them after would only cost a round trip.
+    BulkRequest {
+        /// The requester's checkpoint in the responder's feed.
+        since: u64,
+        /// Most records wanted.
+        limit: u32,
+    },
+    /// A page of the responder's feed as whole records, in feed order.
+    BulkResponse {
+        /// Record id, every raw Automerge change of it in dependency order,
+        /// and whether that is all of it (`false`: a record too big for the
+        /// response's byte budget came as a prefix; the requester fetches
+        /// the rest from its new heads).
+        items: Vec<(RecordId, Vec<Vec<u8>>, bool)>,
+        /// Where the next page starts (the last sequence this page covers,
+        /// or the request's `since` when empty).
+        next_since: u64,
+        /// Whether more entries follow `next_since`.
+        more: bool,
+    },
 }
 
 impl Message {
@@ -188,6 +211,8 @@ impl Message {
             Message::Push { .. } => "push",
             Message::VerifyRequest { .. } => "verify-req",
             Message::VerifyResponse { .. } => "verify-resp",
+            Message::BulkRequest { .. } => "bulk-req",
+            Message::BulkResponse { .. } => "bulk-resp",
         }
     }
 
@@ -236,9 +261,9 @@ impl Message {
             }
             Message::FetchRequest { items } => heads_list("fetch request", items, MAX_FETCH_ITEMS),
             Message::Push { entries } => heads_list("push", entries, MAX_ENTRIES),
-            Message::FetchResponse { items } => {
+            Message::FetchResponse { items } | Message::BulkResponse { items, .. } => {
                 if items.len() > MAX_FETCH_ITEMS {
-                    return Err(proto(format!("fetch response with {} items", items.len())));
+                    return Err(proto(format!("{} with {} items", self.kind(), items.len())));
                 }
                 for (id, changes, _) in items {
                     if let Some(c) = changes.iter().find(|c| c.len() > MAX_CHANGE_BYTES) {
@@ -247,6 +272,7 @@ impl Message {
                 }
                 Ok(())
             }
+            Message::BulkRequest { .. } => Ok(()),
             Message::VerifyRequest { ranges } => {
                 if ranges.len() > MAX_VERIFY_RANGES {
                     return Err(proto(format!(
@@ -433,6 +459,18 @@ mod tests {
                     ),
                 ],
             },
+            Message::BulkRequest {
+                since: 7,
+                limit: 1000,
+            },
+            Message::BulkResponse {
+                items: vec![
+                    (id(8), vec![vec![8, 8], vec![9]], true),
+                    (id(9), vec![vec![1]], false),
+                ],
+                next_since: 12,
+                more: false,
+            },
         ]
     }
 
@@ -496,6 +534,20 @@ mod tests {
             entries: (0..=MAX_ENTRIES).map(|_| (id(1), vec![])).collect(),
         };
         assert!(matches!(big.encode(), Err(Error::Protocol(_))));
+        let big_bulk = Message::BulkResponse {
+            items: (0..=MAX_FETCH_ITEMS)
+                .map(|_| (id(1), vec![], true))
+                .collect(),
+            next_since: 1,
+            more: true,
+        };
+        assert!(matches!(big_bulk.encode(), Err(Error::Protocol(_))));
+        let fat_change = Message::BulkResponse {
+            items: vec![(id(1), vec![vec![0; MAX_CHANGE_BYTES + 1]], true)],
+            next_since: 1,
+            more: false,
+        };
+        assert!(matches!(fat_change.encode(), Err(Error::Protocol(_))));
         // A length prefix claiming 2^32 entries is an error, not an allocation.
         let mut huge = vec![WIRE_VERSION, 6];
         huge.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
