@@ -116,6 +116,10 @@ pub struct NodeStatus {
     pub pulls: u64,
     /// Fetch requests sent.
     pub fetches: u64,
+    /// Bulk full-sync pages requested (a node that started empty).
+    pub bulk_pulls: u64,
+    /// Records received whole in bulk full-sync pages.
+    pub records_bulk: u64,
     /// Changes applied from peers.
     pub changes_applied: u64,
     /// Records refused from peers.
@@ -842,6 +846,8 @@ impl EventLoop {
             idle: self.engine.is_idle(),
             pulls: stats.pulls,
             fetches: stats.fetches,
+            bulk_pulls: stats.bulk_pulls,
+            records_bulk: stats.records_bulk,
             changes_applied: stats.changes_applied,
             records_rejected: stats.records_rejected,
             records_ignored: stats.records_ignored,

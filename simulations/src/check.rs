@@ -85,15 +85,15 @@ pub type State = (BTreeMap<RecordId, String>, BTreeMap<String, String>);
 pub fn state(store: &mut Store) -> entente_node::Result<State> {
     let mut records = BTreeMap::new();
     for e in store.changes_since(0, usize::MAX)? {
-        let Some(rec) = store.record(&e.id)? else {
-            continue;
-        };
-        let fields = serde_json::to_string(&rec.fields_json(store.schema())).expect("json");
-        let heads = entente_model::record::heads_to_hex(&rec.heads()).join(",");
-        records.insert(
-            e.id,
-            format!("deleted={} heads={heads} fields={fields}", rec.is_deleted()),
-        );
+        let schema = store.schema().clone();
+        let line = store.read_record(&e.id, |rec| {
+            let fields = serde_json::to_string(&rec.fields_json(&schema)).expect("json");
+            let heads = entente_model::record::heads_to_hex(&rec.heads()).join(",");
+            format!("deleted={} heads={heads} fields={fields}", rec.is_deleted())
+        })?;
+        if let Some(line) = line {
+            records.insert(e.id, line);
+        }
     }
     let collisions = store
         .collisions(&CollisionFilter {
@@ -157,24 +157,29 @@ pub fn acknowledged(sim: &mut Sim, ledger: &Ledger) -> Result<(), String> {
     for node in 0..sim.len() {
         let store = sim.store(node).ok_or("a node is down")?;
         for (id, changes) in &by_record {
-            let rec = store
-                .record(id)
+            let lost = store
+                .read_record(id, |rec| -> Result<Option<String>, String> {
+                    for (site, hex) in changes {
+                        let hash: ChangeHash = hex
+                            .parse()
+                            .map_err(|_| format!("acknowledged change `{hex}` is not a hash"))?;
+                        if rec.doc().get_change_meta_by_hash(&hash).is_none() {
+                            return Ok(Some(format!(
+                                "acknowledged change {hex} of {id} (site {site}) lost at node {node}"
+                            )));
+                        }
+                    }
+                    Ok(None)
+                })
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| {
                     format!(
                         "record {id} written at site {} is missing at node {node}",
                         changes[0].0
                     )
-                })?;
-            for (site, hex) in changes {
-                let hash: ChangeHash = hex
-                    .parse()
-                    .map_err(|_| format!("acknowledged change `{hex}` is not a hash"))?;
-                if rec.doc().get_change_meta_by_hash(&hash).is_none() {
-                    return Err(format!(
-                        "acknowledged change {hex} of {id} (site {site}) lost at node {node}"
-                    ));
-                }
+                })??;
+            if let Some(lost) = lost {
+                return Err(lost);
             }
         }
     }

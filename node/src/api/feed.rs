@@ -68,10 +68,10 @@ pub async fn changes(
                 let mut out = String::new();
                 let mut next = since;
                 for e in entries {
-                    let fields = match s.record(&e.id)? {
-                        Some(r) => r.fields_json(s.schema()),
-                        None => Default::default(),
-                    };
+                    let schema = s.schema().clone();
+                    let fields = s
+                        .read_record(&e.id, |r| r.fields_json(&schema))?
+                        .unwrap_or_default();
                     next = e.seq;
                     out.push_str(
                         &json!({

@@ -796,9 +796,21 @@ impl Store {
         Ok(Some(view))
     }
 
-    /// The record's document (for history, raw bytes, sync).
+    /// The record's document (for history, raw bytes, sync): a copy.
     pub fn record(&mut self, id: &RecordId) -> Result<Option<Record>> {
         self.with_record(id, true, |_, rec, _| rec.clone())
+    }
+
+    /// Runs `f` on the record's document in place (no copy) and returns what
+    /// it gives. A record read from storage for it is not cached, so a read
+    /// of many records (a feed page, a whole-store check) does not push out
+    /// the documents in use.
+    pub fn read_record<T>(
+        &mut self,
+        id: &RecordId,
+        f: impl FnOnce(&Record) -> T,
+    ) -> Result<Option<T>> {
+        self.with_record(id, false, |_, rec, _| f(rec))
     }
 
     fn view(&self, id: &RecordId, rec: &Record, meta: &RecordMeta) -> Result<RecordView> {
