@@ -44,7 +44,7 @@ use serde_json::Value as Json;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-pub use kv::{Cf, Kv, MemKv, RocksKv};
+pub use kv::{BatchOp, Cf, Kv, MemKv, RocksKv};
 
 /// Largest change accepted from a peer (bytes).
 pub const MAX_CHANGE_BYTES: usize = 1 << 20;
@@ -309,6 +309,14 @@ fn unique_prefix(collection: &str, key: &str, value: &str) -> Vec<u8> {
     k.extend_from_slice(value_hash(value).as_bytes());
     k.push(SEP);
     k
+}
+
+fn checkpoint_op(peer: &NodeId, seq: u64) -> BatchOp {
+    (
+        Cf::Checkpoints,
+        peer.0.to_vec(),
+        Some(seq.to_be_bytes().to_vec()),
+    )
 }
 
 fn chunk_key(id: &RecordId, n: u32) -> Vec<u8> {
@@ -1028,6 +1036,26 @@ impl Store {
         Ok(changes.unwrap_or_default())
     }
 
+    /// This node's checkpoint in `peer`'s changes feed: the sequence up to
+    /// which everything of it is applied here (0: never pulled).
+    pub fn checkpoint(&self, peer: &NodeId) -> Result<u64> {
+        match self.kv.get(Cf::Checkpoints, &peer.0)? {
+            None => Ok(0),
+            Some(b) => {
+                Ok(u64::from_be_bytes(b.as_slice().try_into().map_err(
+                    |_| Error::Corrupt(format!("checkpoint for {peer}")),
+                )?))
+            }
+        }
+    }
+
+    /// Persists (durably) this node's checkpoint in `peer`'s feed on its
+    /// own, for a page that needed no data ([`Store::apply_remote_only`]
+    /// writes it with the data otherwise).
+    pub fn save_checkpoint(&self, peer: &NodeId, seq: u64) -> Result<()> {
+        self.kv.write(vec![checkpoint_op(peer, seq)])
+    }
+
     /// Counts.
     pub fn stats(&self) -> Result<StoreStats> {
         let mut s = StoreStats {
@@ -1485,19 +1513,25 @@ impl Store {
         peer: Option<NodeId>,
         batch: Vec<(RecordId, Vec<Vec<u8>>)>,
     ) -> Result<ApplyReport> {
-        self.apply_remote_only(peer, &BTreeSet::new(), batch)
+        self.apply_remote_only(peer, &BTreeSet::new(), batch, None)
     }
 
     /// [`Store::apply_remote_from`] on a node that replicates only
     /// `collections` (empty: all): changes of a record of another collection
     /// are neither applied nor kept; the record is listed in
-    /// [`ApplyReport::ignored`].
+    /// [`ApplyReport::ignored`]. With `checkpoint` (and a `peer`), this
+    /// node's checkpoint in the peer's feed is set to it in the same atomic
+    /// batch as the data (or on its own when nothing in the batch is
+    /// applied): the data a checkpoint covers and the checkpoint land
+    /// together or not at all.
     pub fn apply_remote_only(
         &mut self,
         peer: Option<NodeId>,
         collections: &BTreeSet<String>,
         batch: Vec<(RecordId, Vec<Vec<u8>>)>,
+        checkpoint: Option<u64>,
     ) -> Result<ApplyReport> {
+        let checkpoint = peer.zip(checkpoint);
         let mut report = ApplyReport::default();
         let mut grouped: BTreeMap<RecordId, Vec<Vec<u8>>> = BTreeMap::new();
         for (id, changes) in batch {
@@ -1520,6 +1554,9 @@ impl Store {
             true
         });
         if grouped.is_empty() {
+            if let Some((p, seq)) = checkpoint {
+                self.save_checkpoint(&p, seq)?;
+            }
             return Ok(report);
         }
         self.kv
@@ -1528,6 +1565,10 @@ impl Store {
         let result = (|| -> Result<()> {
             let mut tx = Tx::new(self.kv.clone());
             tx.del(Cf::Meta, META_APPLYING.to_vec());
+            if let Some((p, seq)) = checkpoint {
+                let (cf, k, v) = checkpoint_op(&p, seq);
+                tx.put(cf, k, v.expect("a put"));
+            }
             for (id, raw) in grouped {
                 match self.apply_record(&mut work, &mut tx, &id, raw, collections, &mut report) {
                     Ok(()) => {}

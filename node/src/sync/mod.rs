@@ -109,9 +109,15 @@
 //!
 //! ## Checkpoint durability
 //!
-//! `Store::apply_remote` writes its batch itself, so the checkpoint cannot
-//! join that batch; it is written right after the batch that completes its
-//! page, never before. A crash in between leaves an older checkpoint: the
+//! A checkpoint is written in the same atomic batch as the data it covers:
+//! the fetch response (or bulk page) that completes a page hands the page's
+//! end to `Store::apply_remote_only`, which writes it in the batch that
+//! applies the records, so the data and the checkpoint land together or not
+//! at all. A page that needs no data (every record already up to date, or
+//! none it replicates) writes its checkpoint alone, since there is nothing
+//! for it to cover; a page whose last record comes in several responses
+//! (a record bigger than the byte budget) writes it once that record is
+//! complete. A crash before a batch lands leaves the older checkpoint: the
 //! page is pulled again, its heads now match (or `apply_remote` counts the
 //! changes as duplicates), so re-pulling is idempotent and nothing is lost.
 //! A record the store refused (quarantined) does not hold the checkpoint
@@ -133,7 +139,7 @@ use entente_model::record::heads_from_hex;
 use entente_model::{NodeId, RecordId};
 
 use crate::error::{Error, Result};
-use crate::store::{Cf, Store};
+use crate::store::Store;
 pub use verify::VerifyReport;
 use verify::VerifyRun;
 pub use wire::{Message, PROTOCOL_VERSION, WireHeads, heads_from_wire, heads_to_wire};
@@ -735,7 +741,21 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                         batch.push((id, changes));
                     }
                 }
-                let rejected = self.apply_batch(peer, batch, store)?;
+                // The response that completes a page's last fetch carries
+                // the page's checkpoint into the same batch as its data.
+                let s = &self.sessions[peer];
+                let checkpoint = match s.page_end {
+                    Some((next, _))
+                        if unanswered.is_empty()
+                            && again.is_empty()
+                            && s.queue.is_empty()
+                            && next != s.checkpoint =>
+                    {
+                        Some(next)
+                    }
+                    _ => None,
+                };
+                let rejected = self.apply_batch(peer, batch, checkpoint, store)?;
                 if let Some(run) = self.verifies.get_mut(peer) {
                     let mut offer = Vec::new();
                     for id in asked_ids {
@@ -1074,7 +1094,10 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             }
         }
         self.stats.records_bulk += seen.len() as u64;
-        let refused = self.apply_batch(peer, batch, store)?;
+        // A page that came whole lands with its checkpoint in one batch.
+        let checkpoint = (again.is_empty() && next_since != self.sessions[peer].checkpoint)
+            .then_some(next_since);
+        let refused = self.apply_batch(peer, batch, checkpoint, store)?;
         let again: Vec<RecordId> = again
             .into_iter()
             .filter(|id| !refused.contains(id))
@@ -1090,19 +1113,25 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         self.pump(peer, store, out)
     }
 
-    /// Applies a peer's records as one store batch and counts it. Returns
-    /// the records the store refused or dropped (not fetched again).
+    /// Applies a peer's records as one store batch, with `checkpoint` (the
+    /// end of the page they complete) in the same batch, and counts it.
+    /// Returns the records the store refused or dropped (not fetched again).
     fn apply_batch(
         &mut self,
         peer: &P,
         batch: Vec<(RecordId, Vec<Vec<u8>>)>,
+        checkpoint: Option<u64>,
         store: &mut Store,
     ) -> Result<BTreeSet<RecordId>> {
         if batch.is_empty() {
             return Ok(BTreeSet::new());
         }
+        let remote = self.sessions[peer].remote;
         let report =
-            store.apply_remote_only(self.sessions[peer].remote, &self.config.collections, batch)?;
+            store.apply_remote_only(remote, &self.config.collections, batch, checkpoint)?;
+        if let (Some(seq), Some(_)) = (checkpoint, remote) {
+            self.session(peer).checkpoint = seq;
+        }
         tracing::debug!(
             records = report.records_changed,
             changes = report.changes_applied,
@@ -1220,23 +1249,12 @@ fn differs(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
 
 /// This node's checkpoint in `peer`'s feed (0: never pulled).
 pub fn load_checkpoint(store: &Store, peer: &NodeId) -> Result<u64> {
-    match store.kv().get(Cf::Checkpoints, &peer.0)? {
-        None => Ok(0),
-        Some(b) => {
-            Ok(u64::from_be_bytes(b.as_slice().try_into().map_err(
-                |_| Error::Corrupt(format!("checkpoint for {peer}")),
-            )?))
-        }
-    }
+    store.checkpoint(peer)
 }
 
 /// Persists (durably) this node's checkpoint in `peer`'s feed.
 pub fn save_checkpoint(store: &Store, peer: &NodeId, seq: u64) -> Result<()> {
-    store.kv().write(vec![(
-        Cf::Checkpoints,
-        peer.0.to_vec(),
-        Some(seq.to_be_bytes().to_vec()),
-    )])
+    store.save_checkpoint(peer, seq)
 }
 
 #[cfg(test)]
@@ -1533,6 +1551,77 @@ mod tests {
         assert_eq!(b.pulls, pulls + 1, "{b:?}");
         assert_eq!(b.records_bulk, 9, "{b:?}");
         assert!(p.stores[1].get(&late).unwrap().is_some());
+    }
+
+    /// A key-value store that remembers which column families each batch
+    /// wrote.
+    #[derive(Default)]
+    struct Recording {
+        inner: crate::store::MemKv,
+        batches: std::sync::Mutex<Vec<BTreeSet<crate::store::Cf>>>,
+    }
+
+    impl crate::store::Kv for Recording {
+        fn get(&self, cf: crate::store::Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            self.inner.get(cf, key)
+        }
+        fn scan(
+            &self,
+            cf: crate::store::Cf,
+            prefix: &[u8],
+            start: &[u8],
+            visit: crate::store::kv::Visit<'_>,
+        ) -> Result<()> {
+            self.inner.scan(cf, prefix, start, visit)
+        }
+        fn write(&self, batch: Vec<crate::store::BatchOp>) -> Result<()> {
+            let cfs = batch.iter().map(|(cf, _, _)| *cf).collect();
+            self.batches.lock().unwrap().push(cfs);
+            self.inner.write(batch)
+        }
+    }
+
+    #[test]
+    fn a_page_s_checkpoint_lands_in_the_batch_of_its_data() {
+        use crate::store::{Cf, StoreOptions};
+        for config in [bulk(), small()] {
+            let mut p = Pair::new(config.clone());
+            let kv = Arc::new(Recording::default());
+            p.stores[1] = Store::with_kv(
+                kv.clone(),
+                Arc::new(Schema::default_crm()),
+                NodeId([2; 16]),
+                Arc::new(ManualClock::new(1_700_000_000_000, 2)),
+                StoreOptions::default(),
+            )
+            .unwrap();
+            p.engines[1] = SyncEngine::new(&p.stores[1], config).unwrap();
+            for i in 0..5 {
+                create(&mut p.stores[0], &format!("a{i}@x.org"));
+            }
+            p.connect();
+            p.run();
+            assert!(p.closed.is_empty(), "{:?}", p.closed);
+            assert_eq!(p.feed(0), p.feed(1));
+            assert_eq!(
+                load_checkpoint(&p.stores[1], &NodeId([1; 16])).unwrap(),
+                p.stores[0].feed_seq()
+            );
+            // Every page held data, so every checkpoint write is also the
+            // write of the records it covers: never one without the other.
+            let batches = kv.batches.lock().unwrap();
+            let with_checkpoint: Vec<_> = batches
+                .iter()
+                .filter(|b| b.contains(&Cf::Checkpoints))
+                .collect();
+            assert!(with_checkpoint.len() >= 2, "{batches:?}");
+            assert!(
+                with_checkpoint
+                    .iter()
+                    .all(|b| b.contains(&Cf::Records) && b.contains(&Cf::Feed)),
+                "{with_checkpoint:?}"
+            );
+        }
     }
 
     #[test]
