@@ -433,6 +433,48 @@ mod tests {
         assert_eq!(keys(&mem, Cf::Unique, b"", b"").len(), 18);
     }
 
+    /// A data dir written before the prefix filters existed: its table
+    /// files have no prefix bloom filter, and scans must still find their
+    /// keys (RocksDB skips a filter built for another extractor).
+    #[test]
+    fn table_files_written_without_prefix_filters_are_still_scanned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut opts = rocksdb::Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let db = rocksdb::DB::open_cf(&opts, dir.path(), Cf::ALL.iter().map(|c| c.name()))
+                .expect("open without extractors");
+            for cf in [Cf::Unique, Cf::Chunks] {
+                let h = db.cf_handle(cf.name()).expect("cf");
+                let key: &[u8] = match cf {
+                    Cf::Unique => b"contacts\0email\0v\0r1",
+                    _ => b"r1\0\0\0\0\x01",
+                };
+                db.put_cf(h, key, b"").expect("put");
+                db.flush_cf(h).expect("flush");
+            }
+        }
+        let rocks = RocksKv::open(dir.path(), false).expect("reopen with extractors");
+        let unique = b"contacts\0email\0v\0";
+        assert_eq!(
+            keys(&rocks, Cf::Unique, unique, unique),
+            vec![b"contacts\0email\0v\0r1".to_vec()]
+        );
+        let other = b"contacts\0email\0w\0";
+        assert!(keys(&rocks, Cf::Unique, other, other).is_empty());
+        assert_eq!(keys(&rocks, Cf::Chunks, b"r1\0", b"r1\0").len(), 1);
+        // New writes beside the old files are found too.
+        rocks
+            .write(vec![(
+                Cf::Unique,
+                b"contacts\0email\0v\0r2".to_vec(),
+                Some(Vec::new()),
+            )])
+            .expect("write");
+        assert_eq!(keys(&rocks, Cf::Unique, unique, unique).len(), 2);
+    }
+
     #[test]
     fn successor_bounds_every_key_with_the_prefix() {
         assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
