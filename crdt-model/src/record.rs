@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
-    ActorId, Automerge, ChangeHash, ObjType, PatchLog, ROOT, ReadDoc, ScalarValue, Value,
+    ActorId, Automerge, ChangeHash, ObjId, ObjType, PatchLog, ROOT, ReadDoc, ScalarValue, Value,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -314,26 +314,23 @@ impl Record {
         let Some(collection) = self.collection() else {
             return Vec::new();
         };
-        let Ok(def) = schema.field(&collection, field) else {
-            return Vec::new();
-        };
-        self.doc
-            .get_all(ROOT, field)
-            .unwrap_or_default()
+        self.scalars(schema, &collection, field)
             .into_iter()
-            .filter_map(|(v, id)| match v {
-                Value::Scalar(s) => Some((
-                    FieldValue::from_scalar(&def.ty, s.as_ref()),
-                    self.doc.hash_for_opid(&id)?,
-                )),
-                _ => None,
-            })
+            .filter_map(|(v, op)| Some((v, self.doc.hash_for_opid(&op)?)))
             .collect()
     }
 
     /// Every value `field` has now, without the changes that wrote them
     /// (cheaper than [`Record::field_values`]), for a record of `collection`.
     pub fn values_of(&self, schema: &Schema, collection: &str, field: &str) -> Vec<FieldValue> {
+        self.scalars(schema, collection, field)
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect()
+    }
+
+    /// The scalar values of a declared field with the ops that set them.
+    fn scalars(&self, schema: &Schema, collection: &str, field: &str) -> Vec<(FieldValue, ObjId)> {
         let Ok(def) = schema.field(collection, field) else {
             return Vec::new();
         };
@@ -341,8 +338,8 @@ impl Record {
             .get_all(ROOT, field)
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|(v, _)| match v {
-                Value::Scalar(s) => Some(FieldValue::from_scalar(&def.ty, s.as_ref())),
+            .filter_map(|(v, op)| match v {
+                Value::Scalar(s) => Some((FieldValue::from_scalar(&def.ty, s.as_ref()), op)),
                 _ => None,
             })
             .collect()

@@ -67,8 +67,8 @@ pub async fn changes(
                 let entries = s.changes_since(since, limit)?;
                 let mut out = String::new();
                 let mut next = since;
+                let schema = s.schema().clone();
                 for e in entries {
-                    let schema = s.schema().clone();
                     let fields = s
                         .read_record(&e.id, |r| r.fields_json(&schema))?
                         .unwrap_or_default();

@@ -311,12 +311,9 @@ fn unique_prefix(collection: &str, key: &str, value: &str) -> Vec<u8> {
     k
 }
 
-fn checkpoint_op(peer: &NodeId, seq: u64) -> BatchOp {
-    (
-        Cf::Checkpoints,
-        peer.0.to_vec(),
-        Some(seq.to_be_bytes().to_vec()),
-    )
+/// Key and value of this node's checkpoint in `peer`'s feed (`Cf::Checkpoints`).
+fn checkpoint_entry(peer: &NodeId, seq: u64) -> (Vec<u8>, Vec<u8>) {
+    (peer.0.to_vec(), seq.to_be_bytes().to_vec())
 }
 
 fn chunk_key(id: &RecordId, n: u32) -> Vec<u8> {
@@ -1053,7 +1050,8 @@ impl Store {
     /// own, for a page that needed no data ([`Store::apply_remote_only`]
     /// writes it with the data otherwise).
     pub fn save_checkpoint(&self, peer: &NodeId, seq: u64) -> Result<()> {
-        self.kv.write(vec![checkpoint_op(peer, seq)])
+        let (k, v) = checkpoint_entry(peer, seq);
+        self.kv.write(vec![(Cf::Checkpoints, k, Some(v))])
     }
 
     /// Counts.
@@ -1566,8 +1564,8 @@ impl Store {
             let mut tx = Tx::new(self.kv.clone());
             tx.del(Cf::Meta, META_APPLYING.to_vec());
             if let Some((p, seq)) = checkpoint {
-                let (cf, k, v) = checkpoint_op(&p, seq);
-                tx.put(cf, k, v.expect("a put"));
+                let (k, v) = checkpoint_entry(&p, seq);
+                tx.put(Cf::Checkpoints, k, v);
             }
             for (id, raw) in grouped {
                 match self.apply_record(&mut work, &mut tx, &id, raw, collections, &mut report) {
