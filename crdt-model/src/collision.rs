@@ -220,13 +220,11 @@ fn side_value(r: &Record, value: Json, hash: &ChangeHash) -> SideValue {
 
 /// The changes that wrote the visible tombstone values, sorted.
 pub fn tombstone_changes(r: &Record) -> Vec<ChangeHash> {
-    let mut v: Vec<ChangeHash> = r
-        .doc()
-        .get_all(ROOT, KEY_DELETED)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|(_, id)| r.doc().hash_for_opid(id))
-        .collect();
+    let mut v: Vec<ChangeHash> = r.with_root(KEY_DELETED, |vals| {
+        vals.iter()
+            .filter_map(|(_, id)| r.doc().hash_for_opid(id))
+            .collect()
+    });
     v.sort();
     v.dedup();
     v
@@ -555,13 +553,9 @@ pub fn detect_duplicate(
                     .map(|(_, h)| h),
             );
         }
-        writes.extend(
-            r.doc()
-                .get_all(ROOT, KEY_RESTORED)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|(_, op)| r.doc().hash_for_opid(op)),
-        );
+        r.with_root(KEY_RESTORED, |vals| {
+            writes.extend(vals.iter().filter_map(|(_, op)| r.doc().hash_for_opid(op)))
+        });
     }
     let cid = duplicate_id(collection, &key.name, value, &ids, &writes);
     let mut sides: Vec<Side> = holders

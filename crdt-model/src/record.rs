@@ -14,6 +14,7 @@
 //! Tokens are new on every write, because Automerge drops a `put` of the value
 //! a key already shows, and a delete or restore must always be causally visible.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::transaction::{CommitOptions, Transactable};
@@ -146,7 +147,20 @@ pub struct HistoryEntry {
 #[derive(Debug, Clone)]
 pub struct Record {
     doc: Automerge,
+    root: RootMemo,
 }
+
+/// Every value of a root key (with the op that set it) as the document shows
+/// it now.
+type RootValues = Vec<(Value<'static>, ObjId)>;
+
+/// The root map as the document shows it now, read on first use. Automerge
+/// seeks a map key afresh on every read, and one write reads the same few
+/// keys (`_collection`, `_deleted`, the unique and reference fields) a dozen
+/// times over: those seeks were 13% of a catch-up's profile and 18% of the
+/// simulator's (BENCHMARKS.md). Emptied by every change to the document.
+#[derive(Debug, Clone, Default)]
+struct RootMemo(RefCell<Option<BTreeMap<String, RootValues>>>);
 
 /// Hex of change hashes.
 pub fn heads_to_hex(heads: &[ChangeHash]) -> Vec<String> {
@@ -188,14 +202,15 @@ fn token(doc: &Automerge, ctx: &CommitCtx) -> String {
 impl Record {
     /// Wraps a document (loaded from storage or built from remote changes).
     pub fn from_doc(doc: Automerge) -> Record {
-        Record { doc }
+        Record {
+            doc,
+            root: RootMemo::default(),
+        }
     }
 
     /// An empty document that remote changes will fill.
     pub fn empty(node: NodeId) -> Record {
-        Record {
-            doc: Automerge::new().with_actor(node.actor()),
-        }
+        Record::from_doc(Automerge::new().with_actor(node.actor()))
     }
 
     /// Creates a record: validates the fields (unknown field, wrong type,
@@ -230,7 +245,7 @@ impl Record {
             },
         )
         .map_err(|f| ModelError::from(f.error))?;
-        Ok(Record { doc })
+        Ok(Record::from_doc(doc))
     }
 
     /// The document.
@@ -240,7 +255,44 @@ impl Record {
 
     /// The document, for applying changes (the node guards this).
     pub fn doc_mut(&mut self) -> &mut Automerge {
+        self.root = RootMemo::default();
         &mut self.doc
+    }
+
+    /// Runs `f` on every value of a root key (ordered by op id: the last one
+    /// is the value Automerge shows), read once per version of the document.
+    pub fn with_root<T>(&self, key: &str, f: impl FnOnce(&[(Value<'static>, ObjId)]) -> T) -> T {
+        if self.root.0.borrow().is_none() {
+            *self.root.0.borrow_mut() = Some(self.read_root());
+        }
+        let memo = self.root.0.borrow();
+        let vals = memo.as_ref().and_then(|m| m.get(key));
+        f(vals.map(Vec::as_slice).unwrap_or_default())
+    }
+
+    /// Every root key with its values, in one pass over the root map (a key
+    /// with concurrent values is read again for all of them).
+    fn read_root(&self) -> BTreeMap<String, RootValues> {
+        let mut out = BTreeMap::new();
+        for item in self.doc.map_range(ROOT, ..) {
+            let vals = if item.conflict {
+                self.doc
+                    .get_all(ROOT, item.key.as_ref())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(v, op)| (v.into_owned(), op))
+                    .collect()
+            } else {
+                vec![(item.value.clone().into_value(), item.id())]
+            };
+            out.insert(item.key.into_owned(), vals);
+        }
+        out
+    }
+
+    /// The string a root key shows, if it shows one.
+    fn root_str(&self, key: &str) -> Option<String> {
+        self.with_root(key, |vals| vals.last().and_then(|(v, _)| str_of(v)))
     }
 
     /// Sets the actor this replica writes with.
@@ -250,14 +302,12 @@ impl Record {
 
     /// The record id, once the creating change is present.
     pub fn id(&self) -> Option<RecordId> {
-        let (v, _) = self.doc.get(ROOT, KEY_ID).ok()??;
-        RecordId::parse(&str_of(&v)?).ok()
+        RecordId::parse(&self.root_str(KEY_ID)?).ok()
     }
 
     /// The collection, once the creating change is present.
     pub fn collection(&self) -> Option<String> {
-        let (v, _) = self.doc.get(ROOT, KEY_COLLECTION).ok()??;
-        str_of(&v)
+        self.root_str(KEY_COLLECTION)
     }
 
     /// The current heads.
@@ -267,10 +317,7 @@ impl Record {
 
     /// True while a tombstone is visible.
     pub fn is_deleted(&self) -> bool {
-        self.doc
-            .get_all(ROOT, KEY_DELETED)
-            .map(|v| !v.is_empty())
-            .unwrap_or(false)
+        self.with_root(KEY_DELETED, |vals| !vals.is_empty())
     }
 
     /// The survivor this record was merged into.
@@ -278,8 +325,7 @@ impl Record {
         if !self.is_deleted() {
             return None;
         }
-        let (v, _) = self.doc.get(ROOT, KEY_MERGED_INTO).ok()??;
-        RecordId::parse(&str_of(&v)?).ok()
+        RecordId::parse(&self.root_str(KEY_MERGED_INTO)?).ok()
     }
 
     /// The current value of every declared field (Automerge's winner where
@@ -293,8 +339,11 @@ impl Record {
         };
         let mut out = BTreeMap::new();
         for (name, f) in &def.fields {
-            if let Ok(Some((Value::Scalar(s), _))) = self.doc.get(ROOT, name.as_str()) {
-                out.insert(name.clone(), FieldValue::from_scalar(&f.ty, s.as_ref()));
+            if let Some(v) = self.with_root(name, |vals| match vals.last() {
+                Some((Value::Scalar(s), _)) => Some(FieldValue::from_scalar(&f.ty, s.as_ref())),
+                _ => None,
+            }) {
+                out.insert(name.clone(), v);
             }
         }
         out
@@ -334,15 +383,16 @@ impl Record {
         let Ok(def) = schema.field(collection, field) else {
             return Vec::new();
         };
-        self.doc
-            .get_all(ROOT, field)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(v, op)| match v {
-                Value::Scalar(s) => Some((FieldValue::from_scalar(&def.ty, s.as_ref()), op)),
-                _ => None,
-            })
-            .collect()
+        self.with_root(field, |vals| {
+            vals.iter()
+                .filter_map(|(v, op)| match v {
+                    Value::Scalar(s) => {
+                        Some((FieldValue::from_scalar(&def.ty, s.as_ref()), op.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
     }
 
     /// The node and time of a change in this document.
@@ -356,8 +406,10 @@ impl Record {
     /// Resolution entries: collision id → every concurrent entry (JSON text).
     pub fn resolutions(&self) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
-        let Ok(Some((Value::Object(ObjType::Map), obj))) = self.doc.get(ROOT, KEY_RESOLUTIONS)
-        else {
+        let Some(obj) = self.with_root(KEY_RESOLUTIONS, |vals| match vals.last() {
+            Some((Value::Object(ObjType::Map), obj)) => Some(obj.clone()),
+            _ => None,
+        }) else {
             return out;
         };
         for key in self.doc.keys(&obj) {
@@ -564,6 +616,7 @@ impl Record {
         ) -> std::result::Result<(), automerge::AutomergeError>,
     {
         self.doc.set_actor(ctx.node.actor());
+        self.root = RootMemo::default();
         let mut tx = match base {
             Some(b) => self
                 .doc
@@ -655,4 +708,112 @@ fn put_resolutions(
         tx.put(&obj, cid.as_str(), entry.as_str())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(node: u8, op: &'static str) -> CommitCtx {
+        CommitCtx {
+            node: NodeId([node; 16]),
+            time_ms: i64::from(node),
+            op,
+        }
+    }
+
+    /// What the memoized reads must agree with: Automerge read directly.
+    fn direct(r: &Record, key: &str) -> Vec<String> {
+        r.doc()
+            .get_all(ROOT, key)
+            .unwrap()
+            .iter()
+            .map(|(v, _)| format!("{v}"))
+            .collect()
+    }
+
+    fn memo(r: &Record, key: &str) -> Vec<String> {
+        r.with_root(key, |vals| {
+            vals.iter().map(|(v, _)| format!("{v}")).collect()
+        })
+    }
+
+    #[test]
+    fn memoized_root_reads_follow_every_change_to_the_document() {
+        let schema = Schema::default_crm();
+        let id = RecordId::parse("00000000-0000-4000-8000-000000000001").unwrap();
+        let fields = |json: serde_json::Value| {
+            Edit::from_json(&schema, "contacts", json.as_object().unwrap())
+                .unwrap()
+                .set
+        };
+        let mut a = Record::create(
+            &schema,
+            "contacts",
+            &id,
+            &fields(serde_json::json!({"email": "a@x.org", "first_name": "Ann"})),
+            &ctx(1, "create"),
+        )
+        .unwrap();
+        let mut b = a.clone();
+        // Read (and so memoize) before every change below.
+        assert_eq!(a.collection().as_deref(), Some("contacts"));
+        assert_eq!(a.id(), Some(id.clone()));
+        assert_eq!(memo(&a, "first_name"), direct(&a, "first_name"));
+        assert_eq!(memo(&a, "phone"), Vec::<String>::new());
+        let edit = |json: serde_json::Value| Edit {
+            set: fields(json),
+            unset: BTreeSet::new(),
+        };
+        a.update(
+            &schema,
+            &edit(serde_json::json!({"first_name": "Anna"})),
+            None,
+            &[],
+            &ctx(1, "update"),
+        )
+        .unwrap();
+        assert_eq!(a.fields(&schema)["first_name"].to_text(), "Anna");
+        b.update(
+            &schema,
+            &edit(serde_json::json!({"first_name": "Anne"})),
+            None,
+            &[],
+            &ctx(2, "update"),
+        )
+        .unwrap();
+        // Concurrent values through the raw document: both are shown, in
+        // Automerge's order, and the winner is the one Automerge shows.
+        let theirs = b.doc().get_changes(&[]);
+        a.doc_mut().apply_changes(theirs).unwrap();
+        assert_eq!(memo(&a, "first_name").len(), 2);
+        for key in ["first_name", "email", KEY_ID, KEY_COLLECTION, KEY_DELETED] {
+            assert_eq!(memo(&a, key), direct(&a, key), "{key}");
+        }
+        let (shown, _) = a.doc().get(ROOT, "first_name").unwrap().unwrap();
+        assert_eq!(
+            format!(
+                "{}",
+                FieldValue::from_scalar(
+                    &schema.field("contacts", "first_name").unwrap().ty,
+                    shown.as_scalar().unwrap()
+                )
+                .to_json()
+            ),
+            format!("{}", a.fields(&schema)["first_name"].to_json())
+        );
+        assert_eq!(a.field_values(&schema, "first_name").len(), 2);
+        // Delete, restore and annotate are seen at once.
+        assert!(!a.is_deleted());
+        a.delete(None, &[], &ctx(1, "delete")).unwrap();
+        assert!(a.is_deleted());
+        assert_eq!(memo(&a, KEY_DELETED), direct(&a, KEY_DELETED));
+        a.restore(&schema, &Edit::default(), &[], &ctx(1, "restore"))
+            .unwrap();
+        assert!(!a.is_deleted());
+        assert!(a.resolutions().is_empty());
+        a.annotate(&[("c1".into(), "entry".into())], &ctx(1, "force"))
+            .unwrap();
+        assert_eq!(a.resolutions()["c1"], vec!["entry".to_string()]);
+    }
 }

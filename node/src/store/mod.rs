@@ -1724,16 +1724,14 @@ impl Store {
         // The record must say it is the record it was sent as: every value of
         // `_id`, not only the one winning a conflict (another record's
         // creating change merged in would otherwise lose quietly and stay).
-        let foreign = rec
-            .doc()
-            .get_all(ROOT, entente_model::record::KEY_ID)
-            .unwrap_or_default()
-            .iter()
-            .find_map(|(v, _)| match v.as_str().map(RecordId::parse) {
-                Some(Ok(doc_id)) if &doc_id == id => None,
-                Some(Ok(doc_id)) => Some(doc_id.to_string()),
-                _ => Some(format!("{v}")),
-            });
+        let foreign = rec.with_root(entente_model::record::KEY_ID, |vals| {
+            vals.iter()
+                .find_map(|(v, _)| match v.as_str().map(RecordId::parse) {
+                    Some(Ok(doc_id)) if &doc_id == id => None,
+                    Some(Ok(doc_id)) => Some(doc_id.to_string()),
+                    _ => Some(format!("{v}")),
+                })
+        });
         if let Some(doc_id) = foreign {
             if !known {
                 work.slots.remove(id);
