@@ -28,7 +28,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 0)]
     first_seed: u64,
     /// Scenario: partition-heal, flapping-links, crash-restart, late-joiner,
-    /// multi-hop-line, duplicate-storm, delete-vs-edit, random.
+    /// multi-hop-line, duplicate-storm, delete-vs-edit, partial-replication,
+    /// verify-repair, random.
     #[arg(long)]
     scenario: Option<String>,
     /// Nodes (default: drawn from the seed, per scenario).
@@ -196,6 +197,16 @@ fn print_outcome(out: &mut impl Write, o: &Outcome) -> Result<()> {
         o.sim_ms,
         o.digest
     )?;
+    let held: Vec<String> = o.held.iter().map(u64::to_string).collect();
+    write!(out, "  records held per node: {}", held.join(" / "))?;
+    if o.scenario == Scenario::VerifyRepair {
+        write!(
+            out,
+            "; verify runs: {} records differing, {} repaired",
+            o.verify_differing, o.verify_repaired
+        )?;
+    }
+    writeln!(out)?;
     Ok(())
 }
 

@@ -3,10 +3,12 @@
 //!
 //! 1. **Convergence**: every node holds the same records (deleted flag,
 //!    heads, field values) and the same collisions (each one's full JSON:
-//!    kind, records, sides, status).
+//!    kind, records, sides, status). A node replicating only some
+//!    collections holds exactly node 0's records of them (see
+//!    [`convergence`]).
 //! 2. **No acknowledged write lost**: every change a store acknowledged
 //!    (local writes, and the heads a resolution left) is in every node's
-//!    document of that record.
+//!    document of that record (on a partial node, of its collections).
 //! 3. **Exactly the collisions the workload caused** (the oracle). It reads
 //!    records (field values with their concurrent alternatives, the
 //!    tombstone flag, history) but never the store's detection code:
@@ -106,57 +108,115 @@ pub fn state(store: &mut Store) -> entente_node::Result<State> {
     Ok((records, collisions))
 }
 
-/// (1) Every running node shows node 0's state.
+/// (1) Every running node shows node 0's state. A node replicating only some
+/// collections (node 0 replicates all) shows exactly node 0's records of
+/// those collections, every collision of node 0 whose records are all of
+/// them, and no collision node 0 does not show identically.
 pub fn convergence(sim: &mut Sim) -> Result<(), String> {
     let n = sim.len();
-    let mut reference: Option<State> = None;
+    let mut reference: Option<(State, BTreeMap<RecordId, String>)> = None;
     for i in 0..n {
+        let partial = sim.is_partial(i);
         let Some(store) = sim.store(i) else {
             return Err(format!("node {i} is down after the heal"));
         };
         let s = state(store).map_err(|e| format!("node {i}: {e}"))?;
-        match &reference {
-            None => reference = Some(s),
-            Some(r) => {
-                if s.0 != r.0 {
-                    let first =
-                        r.0.iter()
-                            .find(|(k, v)| s.0.get(*k) != Some(*v))
-                            .map(|(k, _)| k.to_string())
-                            .or_else(|| {
-                                s.0.keys()
-                                    .find(|k| !r.0.contains_key(*k))
-                                    .map(|k| k.to_string())
-                            })
-                            .unwrap_or_default();
-                    return Err(format!(
-                        "not converged: node {i} differs from node 0 in records ({} vs {}; first: {first})",
-                        s.0.len(),
-                        r.0.len()
-                    ));
-                }
-                if s.1 != r.1 {
-                    return Err(format!(
-                        "not converged: node {i} differs from node 0 in collisions ({} vs {})",
-                        s.1.len(),
-                        r.1.len()
-                    ));
+        let Some((r, collection_of)) = &reference else {
+            if partial {
+                return Err("node 0 must replicate every collection".into());
+            }
+            let mut collection_of = BTreeMap::new();
+            for id in s.0.keys() {
+                if let Some(c) = store.collection_of(id).map_err(|e| e.to_string())? {
+                    collection_of.insert(id.clone(), c);
                 }
             }
+            reference = Some((s, collection_of));
+            continue;
+        };
+        let keeps = |id: &RecordId| collection_of.get(id).is_some_and(|c| sim.keeps(i, c));
+        let expected: BTreeMap<RecordId, String> =
+            r.0.iter()
+                .filter(|(id, _)| keeps(id))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        if s.0 != expected {
+            let first = expected
+                .iter()
+                .find(|(k, v)| s.0.get(*k) != Some(*v))
+                .map(|(k, _)| k.to_string())
+                .or_else(|| {
+                    s.0.keys()
+                        .find(|k| !expected.contains_key(*k))
+                        .map(|k| k.to_string())
+                })
+                .unwrap_or_default();
+            return Err(format!(
+                "not converged: node {i} differs from node 0 in records ({} vs {}; first: {first})",
+                s.0.len(),
+                expected.len()
+            ));
+        }
+        if !partial {
+            if s.1 != r.1 {
+                return Err(format!(
+                    "not converged: node {i} differs from node 0 in collisions ({} vs {})",
+                    s.1.len(),
+                    r.1.len()
+                ));
+            }
+            continue;
+        }
+        if let Some(id) =
+            s.1.iter()
+                .find(|(k, v)| r.1.get(*k) != Some(*v))
+                .map(|(k, _)| k)
+        {
+            return Err(format!(
+                "not converged: node {i} (partial) shows collision {id} unlike node 0"
+            ));
+        }
+        let mut wanted = Vec::new();
+        for (id, json) in &r.1 {
+            let c: Collision = serde_json::from_str(json).map_err(|e| e.to_string())?;
+            if c.records.iter().all(&keeps) && !s.1.contains_key(id) {
+                wanted.push(id.clone());
+            }
+        }
+        if let Some(id) = wanted.first() {
+            return Err(format!(
+                "not converged: node {i} (partial) lacks collision {id} of its collections"
+            ));
         }
     }
     Ok(())
 }
 
-/// (2) Every acknowledged change is in every node's history.
+/// (2) Every acknowledged change is in every node's history (on a node
+/// replicating only some collections, of the records of those).
 pub fn acknowledged(sim: &mut Sim, ledger: &Ledger) -> Result<(), String> {
     let mut by_record: BTreeMap<&RecordId, Vec<(usize, &String)>> = BTreeMap::new();
     for (site, id, hex) in &ledger.acked {
         by_record.entry(id).or_default().push((*site, hex));
     }
+    // Node 0 replicates every collection; another node only its own.
+    let mut collection_of = BTreeMap::new();
+    let store = sim.store(0).ok_or("node 0 is down")?;
+    for id in by_record.keys() {
+        if let Some(c) = store.collection_of(id).map_err(|e| e.to_string())? {
+            collection_of.insert(*id, c);
+        }
+    }
     for node in 0..sim.len() {
+        let kept: BTreeSet<&RecordId> = by_record
+            .keys()
+            .filter(|id| {
+                !sim.is_partial(node) || collection_of.get(*id).is_some_and(|c| sim.keeps(node, c))
+            })
+            .copied()
+            .collect();
         let store = sim.store(node).ok_or("a node is down")?;
-        for (id, changes) in &by_record {
+        for (id, changes) in by_record.iter().filter(|(id, _)| kept.contains(*id)) {
             let lost = store
                 .read_record(id, |rec| -> Result<Option<String>, String> {
                     for (site, hex) in changes {

@@ -36,12 +36,14 @@
 //!   silently comes back).
 //! - [`scenario`]: the named scenarios (`partition-heal`, `flapping-links`,
 //!   `crash-restart`, `late-joiner`, `multi-hop-line`, `duplicate-storm`,
-//!   `delete-vs-edit`, `random`) and the runner.
+//!   `delete-vs-edit`, `partial-replication`, `verify-repair`, `random`) and
+//!   the runner.
 //!
 //! The checker has teeth: the engine's test-only
 //! `SyncConfig::planted_bug` (never pull after a reconnect) makes runs fail
-//! with their seed, as do a partition that never heals and a catch-up bound
-//! set too tight (see `tests/scenarios.rs`).
+//! with their seed, as do a partition that never heals, a catch-up bound
+//! set too tight, `verify-repair` without its verify runs, and a partial
+//! node holding what it does not replicate (see `tests/scenarios.rs`).
 //!
 //! [`Replicas`] is the simpler harness underneath some store tests: several
 //! in-memory stores exchanging changes directly in a seeded order, with the

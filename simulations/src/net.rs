@@ -51,7 +51,7 @@ use std::sync::Arc;
 
 use entente_model::{NodeId, RecordId, Schema};
 use entente_node::store::MemKv;
-use entente_node::sync::{Message, Output, SyncConfig, SyncEngine};
+use entente_node::sync::{Message, Output, SyncConfig, SyncEngine, VerifyReport, save_checkpoint};
 use entente_node::{ManualClock, Store, StoreOptions};
 
 use crate::Rng;
@@ -186,6 +186,9 @@ struct Node {
     clock: Arc<ManualClock>,
     backing: Backing,
     incarnation: u64,
+    /// Partial replication: the collections this node replicates (empty:
+    /// all), in its engine's `SyncConfig` from its next start on.
+    collections: BTreeSet<String>,
 }
 
 /// One simulated cluster.
@@ -238,6 +241,7 @@ impl Sim {
                     Some(d) => Backing::Rocks(d.path().join(format!("node{i}"))),
                 },
                 incarnation: 0,
+                collections: BTreeSet::new(),
             })
             .collect();
         Ok(Sim {
@@ -317,6 +321,86 @@ impl Sim {
         self.nodes[i].store.as_mut()
     }
 
+    /// Makes node `i` replicate only `collections` (empty: all) from its
+    /// next start on.
+    pub fn set_collections(&mut self, i: usize, collections: &[&str]) {
+        self.nodes[i].collections = collections.iter().map(|c| c.to_string()).collect();
+        self.log(format_args!("collections {i} {collections:?}"));
+    }
+
+    /// Whether node `i` replicates `collection`.
+    pub fn keeps(&self, i: usize, collection: &str) -> bool {
+        let c = &self.nodes[i].collections;
+        c.is_empty() || c.contains(collection)
+    }
+
+    /// Whether node `i` replicates only some collections.
+    pub fn is_partial(&self, i: usize) -> bool {
+        !self.nodes[i].collections.is_empty()
+    }
+
+    /// Moves every running node's checkpoint of every other running node's
+    /// feed to that feed's end, in their stores: what the feeds hold now is
+    /// never pulled. With the sessions down (a partition, until the links
+    /// broke), this is how stores come to differ behind the engines' back —
+    /// what compare-and-repair is for. A session reads its checkpoint at the
+    /// handshake, so one still up would pull from the old one.
+    pub fn hide_feeds(&mut self) {
+        let seqs: Vec<Option<u64>> = self
+            .nodes
+            .iter()
+            .map(|n| n.store.as_ref().map(|s| s.feed_seq()))
+            .collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let Some(store) = node.store.as_ref() else {
+                continue;
+            };
+            for (j, seq) in seqs.iter().enumerate() {
+                if let (true, Some(seq)) = (i != j, seq) {
+                    save_checkpoint(store, &NodeId([j as u8 + 1; 16]), *seq)
+                        .expect("the simulated store writes a checkpoint");
+                }
+            }
+        }
+        self.log(format_args!("hide-feeds {seqs:?}"));
+    }
+
+    /// Runs compare-and-repair from node `a` with its peer `b` to its end,
+    /// letting the network run meanwhile (at most `max_ms` of virtual
+    /// time). The report, or why there is none.
+    pub fn verify(&mut self, a: usize, b: usize, max_ms: u64) -> Result<VerifyReport, String> {
+        let node = &mut self.nodes[a];
+        let (Some(engine), Some(store)) = (node.engine.as_mut(), node.store.as_ref()) else {
+            return Err(format!("node {a} is down"));
+        };
+        let outs = engine
+            .start_verify(&b, store)
+            .map_err(|e| format!("node {a} could not verify with {b}: {e}"))?;
+        self.log(format_args!("verify {a}->{b}"));
+        self.apply(a, outs);
+        let end = self.now + max_ms;
+        while self.now < end {
+            let finished = self.nodes[a]
+                .engine
+                .as_ref()
+                .is_none_or(|e| !e.verifying(&b));
+            if finished {
+                break;
+            }
+            self.run_for(self.opts.tick_ms);
+        }
+        let report = self.nodes[a]
+            .engine
+            .as_mut()
+            .and_then(|e| e.take_verify_report(&b))
+            .ok_or_else(|| format!("verify {a}->{b} did not finish in {max_ms} ms"))?;
+        self.log(format_args!(
+            "verified {a}->{b} differing {} repaired {} complete {}",
+            report.differing, report.repaired, report.complete
+        ));
+        Ok(report)
+    }
+
     /// Node `i`'s engine (`None` while it is down).
     pub fn engine(&self, i: usize) -> Option<&SyncEngine<usize>> {
         self.nodes[i].engine.as_ref()
@@ -351,7 +435,11 @@ impl Sim {
             ),
         }
         .expect("the simulated node's store opens");
-        let engine = SyncEngine::new(&store, self.opts.sync.clone()).expect("valid sync options");
+        let config = SyncConfig {
+            collections: node.collections.clone(),
+            ..self.opts.sync.clone()
+        };
+        let engine = SyncEngine::new(&store, config).expect("valid sync options");
         node.store = Some(store);
         node.engine = Some(engine);
         node.incarnation += 1;

@@ -32,13 +32,23 @@ pub enum Scenario {
     /// Two sides deleting what the other edits, referencing what the other
     /// deletes, and setting different bank accounts.
     DeleteVsEdit,
+    /// 3–5 nodes of which one or two replicate only contacts (or contacts
+    /// and addresses) and write only contacts, split and healed as in
+    /// `partition-heal`: each holds exactly the records of its collections.
+    PartialReplication,
+    /// 2–4 nodes isolated while they write, whose stores are then made to
+    /// differ behind the engines' back (every checkpoint moved to the end of
+    /// the peer's feed, every engine restarted): after the heal nothing is
+    /// pulled, and only compare-and-repair between each pair brings them
+    /// together. Verify must report only records changed meanwhile.
+    VerifyRepair,
     /// Every fault and every constructed situation, mixed.
     Random,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::PartitionHeal,
         Scenario::FlappingLinks,
         Scenario::CrashRestart,
@@ -46,6 +56,8 @@ impl Scenario {
         Scenario::MultiHopLine,
         Scenario::DuplicateStorm,
         Scenario::DeleteVsEdit,
+        Scenario::PartialReplication,
+        Scenario::VerifyRepair,
         Scenario::Random,
     ];
 
@@ -59,6 +71,8 @@ impl Scenario {
             Scenario::MultiHopLine => "multi-hop-line",
             Scenario::DuplicateStorm => "duplicate-storm",
             Scenario::DeleteVsEdit => "delete-vs-edit",
+            Scenario::PartialReplication => "partial-replication",
+            Scenario::VerifyRepair => "verify-repair",
             Scenario::Random => "random",
         }
     }
@@ -78,6 +92,7 @@ impl Scenario {
             Scenario::MultiHopLine => 3,
             Scenario::CrashRestart => 3 + rng.below(2),
             Scenario::DuplicateStorm => 3 + rng.below(4),
+            Scenario::VerifyRepair => 2 + rng.below(3),
             _ => 3 + rng.below(3),
         }
     }
@@ -102,6 +117,9 @@ pub struct RunOptions {
     pub settle_ms: u64,
     /// Test-only: never heal (the checker must notice).
     pub never_heal: bool,
+    /// Test-only: `verify-repair` skips compare-and-repair (the checker
+    /// must notice).
+    pub never_verify: bool,
     /// Invariant 4's bound.
     pub bound: CatchUpBound,
     /// The network.
@@ -116,6 +134,7 @@ impl Default for RunOptions {
             op_gap_ms_max: 20,
             settle_ms: 12_000,
             never_heal: false,
+            never_verify: false,
             bound: CatchUpBound::default(),
             net: NetOptions::default(),
         }
@@ -165,6 +184,14 @@ pub struct Outcome {
     /// Records that nodes up at the end received whole in a bulk full sync
     /// (a late joiner fills itself this way).
     pub records_bulk: u64,
+    /// `verify-repair`: records the verify runs reported differing, and
+    /// repaired, summed over the runs.
+    pub verify_differing: u64,
+    /// See `verify_differing`.
+    pub verify_repaired: u64,
+    /// Records (deleted included) each node holds at the end; a node that
+    /// replicates only some collections holds fewer.
+    pub held: Vec<u64>,
 }
 
 /// The command that replays `seed` of `scenario` with `opts`.
@@ -226,6 +253,18 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
     } else {
         sim.full_mesh();
     }
+    if scenario == Scenario::PartialReplication {
+        // Never node 0: the checks compare every node with it.
+        let k = 1 + rng.below((n - 2).clamp(1, 2));
+        for i in 0..k {
+            let only: &[&str] = if rng.below(2) == 0 {
+                &["contacts"]
+            } else {
+                &["contacts", "addresses"]
+            };
+            sim.set_collections(n - 1 - i, only);
+        }
+    }
     let late = match scenario {
         Scenario::LateJoiner => Some(n - 1),
         Scenario::Random if rng.below(3) == 0 => Some(n - 1),
@@ -242,7 +281,7 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
     let gap = |rng: &mut Rng| rng.below(opts.op_gap_ms_max as usize + 1) as u64;
     for _ in 0..warm {
         if let Some(site) = up_site(&sim, &mut rng) {
-            w.step(&mut sim, site);
+            work(&mut w, &mut sim, site);
         }
         let g = gap(&mut rng);
         sim.run_for(g);
@@ -260,14 +299,63 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
         fault(scenario, &mut sim, &mut rng, step, fault_ops);
         construct(scenario, &mut sim, &mut w, &mut rng, step);
         if let Some(site) = up_site(&sim, &mut rng) {
-            w.step(&mut sim, site);
+            work(&mut w, &mut sim, site);
         }
         let g = gap(&mut rng);
         sim.run_for(g);
     }
+    if scenario == Scenario::VerifyRepair {
+        // Behind the engines' back: no pull will ever see what the isolated
+        // nodes wrote, and their pushes were lost in the partition. The
+        // restarted engines read the moved checkpoints at their handshakes.
+        sim.hide_feeds();
+        for i in 0..n {
+            sim.crash(i);
+        }
+    }
     let before = sim.traffic();
     if !opts.never_heal {
         sim.heal();
+    }
+    let (mut verify_differing, mut verify_repaired) = (0, 0);
+    if scenario == Scenario::VerifyRepair && !opts.never_verify {
+        let mut pairs = Vec::new();
+        for a in 0..n {
+            for b in a + 1..n {
+                pairs.push(if rng.below(2) == 0 { (a, b) } else { (b, a) });
+            }
+        }
+        rng.shuffle(&mut pairs);
+        for (a, b) in pairs {
+            // The session comes up after a redial and a handshake.
+            for _ in 0..40 {
+                let ready = sim
+                    .engine(a)
+                    .is_some_and(|e| e.ready_peers().iter().any(|(p, _)| *p == b));
+                if ready {
+                    break;
+                }
+                sim.run_for(100);
+            }
+            let r = sim.verify(a, b, 60_000).map_err(&fail)?;
+            if !r.complete {
+                return Err(fail(format!(
+                    "verify {a}->{b} did not complete: {}",
+                    r.error.unwrap_or_default()
+                )));
+            }
+            if let Some(id) = r
+                .records_differing
+                .iter()
+                .find(|id| !w.ledger.changed.contains(*id))
+            {
+                return Err(fail(format!(
+                    "verify {a}->{b} reported {id} differing, which nothing changed during the faults"
+                )));
+            }
+            verify_differing += r.differing;
+            verify_repaired += r.repaired;
+        }
     }
     sim.run_for(opts.settle_ms);
     let now = sim.traffic();
@@ -304,6 +392,11 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
         &opts.bound,
     )
     .map_err(fail)?;
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let store = sim.store(i).expect("every node is up after the heal");
+        held.push(store.stats().map_err(|e| fail(e.to_string()))?.records);
+    }
     let l = &w.ledger;
     Ok(Outcome {
         scenario,
@@ -327,7 +420,20 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
             .filter_map(|i| sim.engine(i))
             .map(|e| e.stats().records_bulk)
             .sum(),
+        verify_differing,
+        verify_repaired,
+        held,
     })
+}
+
+/// One random workload operation at `site`: contacts only on a node that
+/// replicates only some collections.
+fn work(w: &mut Workload, sim: &mut Sim, site: usize) {
+    if sim.is_partial(site) {
+        w.step_contacts(sim, site);
+    } else {
+        w.step(sim, site);
+    }
 }
 
 fn up_site(sim: &Sim, rng: &mut Rng) -> Option<usize> {
@@ -360,7 +466,7 @@ fn random_pair(sim: &Sim, rng: &mut Rng) -> (usize, usize) {
 fn fault(scenario: Scenario, sim: &mut Sim, rng: &mut Rng, step: usize, steps: usize) {
     let n = sim.len();
     match scenario {
-        Scenario::PartitionHeal => {
+        Scenario::PartitionHeal | Scenario::PartialReplication => {
             if step == 0 || (step == steps / 2 && rng.below(2) == 0) {
                 random_groups(sim, rng, 3);
             }
@@ -410,7 +516,7 @@ fn fault(scenario: Scenario, sim: &mut Sim, rng: &mut Rng, step: usize, steps: u
                 }
             }
         }
-        Scenario::DuplicateStorm => {
+        Scenario::DuplicateStorm | Scenario::VerifyRepair => {
             if step == 0 {
                 let g: Vec<u32> = (0..n as u32).collect();
                 sim.partition(&g);
@@ -464,7 +570,11 @@ fn construct(scenario: Scenario, sim: &mut Sim, w: &mut Workload, rng: &mut Rng,
     if step % every != every - 1 {
         return;
     }
-    let up: Vec<usize> = (0..sim.len()).filter(|&i| sim.is_up(i)).collect();
+    // The constructed situations involve children (and every collection):
+    // only nodes that replicate everything take part.
+    let up: Vec<usize> = (0..sim.len())
+        .filter(|&i| sim.is_up(i) && !sim.is_partial(i))
+        .collect();
     if up.len() < 2 {
         return;
     }

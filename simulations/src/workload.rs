@@ -114,6 +114,37 @@ impl Workload {
         }
     }
 
+    /// One random operation at `site` that writes only contacts (a node
+    /// replicating only contacts: its writes to other collections would
+    /// stay local, see the README's "Partial replication").
+    pub fn step_contacts(&mut self, sim: &mut Sim, site: usize) {
+        let k = self.rng.below(100);
+        let contact = match k {
+            0..=29 => None,
+            _ => self.pick_contact(sim, site),
+        };
+        match (k, contact) {
+            (30..=79, Some(id)) => {
+                let field = CONTACT_FIELDS[self.rng.below(CONTACT_FIELDS.len())];
+                let (value, force) = if field == "email" {
+                    (self.pool_email(), self.rng.below(2) == 0)
+                } else {
+                    (format!("v{}", self.rng.below(1000)), false)
+                };
+                self.update(sim, site, &id, field, &value, force);
+            }
+            (80..=91, Some(id)) => {
+                self.delete_id(sim, site, &id);
+            }
+            (92.., Some(_)) => self.restore(sim, site),
+            _ => {
+                let email = self.pool_email();
+                let force = self.rng.below(3) == 0;
+                self.create_contact(sim, site, &email, force);
+            }
+        }
+    }
+
     fn pool_email(&mut self) -> String {
         let n = self.rng.below(self.pool);
         match self.rng.below(4) {

@@ -15,8 +15,11 @@
 //! a record is held, and no session broken. The same seed gives the same
 //! trace.
 //!
-//! `entente_sim::net::Sim` gives every node the same `SyncConfig`, so this
-//! test drives the engines itself, the same way (the driver decides nothing).
+//! This test drives the engines itself, the way `entente_sim::net::Sim`
+//! does (the driver decides nothing), to pin down a line where collections
+//! can only travel through nodes that replicate them, with pages of a few
+//! entries. The `partial-replication` scenario of `Sim` adds partitions,
+//! lossy gossip and the full workload.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
