@@ -430,6 +430,9 @@ impl Sim {
                 node.clock.clone(),
                 StoreOptions {
                     sync: false,
+                    // A few hundred records per node: small memtables open
+                    // fast (every restart allocates them).
+                    memtable_bytes: 512 << 10,
                     ..StoreOptions::default()
                 },
             ),

@@ -129,6 +129,9 @@ impl std::fmt::Debug for RocksKv {
 /// Memory RocksDB may use for its block cache (bytes).
 pub const BLOCK_CACHE_BYTES: usize = 64 << 20;
 
+/// Write buffer (memtable) per column family, by default.
+pub const MEMTABLE_BYTES: usize = 16 << 20;
+
 /// The length of `key`'s prefix ending with its `n`-th separator, if it has
 /// that many.
 pub fn prefix_len(key: &[u8], n: usize) -> Option<usize> {
@@ -178,7 +181,19 @@ impl RocksKv {
     /// before `write` returns; without it, it is in the OS page cache only
     /// (survives a process crash, not a power loss).
     pub fn open(path: &Path, sync: bool) -> Result<RocksKv> {
-        let mut opts = rocksdb::Options::default();
+        RocksKv::open_with(path, sync, MEMTABLE_BYTES)
+    }
+
+    /// [`RocksKv::open`] with `memtable_bytes` of write buffer per column
+    /// family (the memtable's arena and prefix bloom filter are sized from
+    /// it and allocated on every open).
+    pub fn open_with(path: &Path, sync: bool, memtable_bytes: usize) -> Result<RocksKv> {
+        // What the write-ahead log holds at open stays in the memtables
+        // (the log is kept until they are flushed) instead of being written
+        // out as new table files first: a restart costs less. (The crate
+        // has no setter for it.)
+        let mut opts = rocksdb::Options::default()
+            .get_options_from_string("avoid_flush_during_recovery=true")?;
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
@@ -202,7 +217,7 @@ impl RocksKv {
                     t.set_whole_key_filtering(*cf != Cf::Unique);
                 }
                 o.set_block_based_table_factory(&t);
-                o.set_write_buffer_size(16 << 20);
+                o.set_write_buffer_size(memtable_bytes);
                 if matches!(cf, Cf::Snapshots | Cf::Chunks) {
                     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
                 }

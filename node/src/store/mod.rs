@@ -68,6 +68,10 @@ pub struct StoreOptions {
     pub compact_bytes_factor: u64,
     /// fsync every batch (a write is acknowledged only once durable).
     pub sync: bool,
+    /// RocksDB write buffer per column family (bytes). Larger buffers mean
+    /// fewer, larger flushes; each open allocates arenas and filters sized
+    /// from it (the simulator's many small stores use a small one).
+    pub memtable_bytes: usize,
     /// Test-only fault injection; `None` in every real node.
     #[doc(hidden)]
     pub fault: Option<TestFault>,
@@ -93,6 +97,7 @@ impl Default for StoreOptions {
             compact_after_chunks: 32,
             compact_bytes_factor: 2,
             sync: true,
+            memtable_bytes: kv::MEMTABLE_BYTES,
             fault: None,
         }
     }
@@ -492,7 +497,7 @@ impl Store {
         opts: StoreOptions,
     ) -> Result<Store> {
         std::fs::create_dir_all(path)?;
-        let kv = RocksKv::open(path, opts.sync)?;
+        let kv = RocksKv::open_with(path, opts.sync, opts.memtable_bytes)?;
         Store::with_kv(Arc::new(kv), schema, node, clock, opts)
     }
 
