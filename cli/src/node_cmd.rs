@@ -6,13 +6,21 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use entente_node::config::{Config, DataDir};
+use entente_node::config::{Config, DataDir, new_cluster_key, read_cluster_key};
 use entente_node::libp2p::{Multiaddr, PeerId};
 use entente_node::{api, runtime};
 
 /// `entente init`.
 #[derive(Debug, Args)]
-pub struct InitArgs {}
+pub struct InitArgs {
+    /// The cluster's pre-shared key: a new random one is written there
+    /// (mode 0600) unless the file exists, in which case it is checked and
+    /// used. Either way the data dir's config names it (`cluster_key_file`),
+    /// so `serve` joins only nodes holding the same key. Copy the file to
+    /// the other sites and pass it to their `init` (or `serve`).
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+}
 
 /// `entente serve`.
 #[derive(Debug, Args)]
@@ -45,16 +53,37 @@ pub struct ServeArgs {
     /// Cluster name (gossip topic); overrides the config's `cluster`.
     #[arg(long, env = "ENTENTE_CLUSTER")]
     pub cluster: Option<String>,
+    /// The cluster's pre-shared key file (libp2p private network); overrides
+    /// the config's `cluster_key_file`.
+    #[arg(long, env = "ENTENTE_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 /// `entente init`: the data dir comes from the global `--data-dir` (kept if
 /// it exists; an existing key is never replaced); `--json` prints
 /// `peer_id`, `node_id`, `listen` and file paths.
-pub fn init(_args: InitArgs, data_dir: PathBuf, json: bool) -> Result<()> {
+pub fn init(args: InitArgs, data_dir: PathBuf, json: bool) -> Result<()> {
     let dir = DataDir::new(&data_dir);
-    let report = dir
+    let mut report = dir
         .init()
         .with_context(|| format!("initializing {}", data_dir.display()))?;
+    let mut cluster_key = None;
+    if let Some(path) = &args.cluster_key_file {
+        let (key, created) = if path.exists() {
+            (read_cluster_key(path)?, false)
+        } else {
+            (new_cluster_key(path)?, true)
+        };
+        // The config names the key by an absolute path: `serve` may run
+        // from another directory.
+        let abs =
+            std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+        report.config.cluster_key_file = Some(abs.clone());
+        report.config.validate()?;
+        std::fs::write(dir.config_path(), report.config.to_toml())
+            .with_context(|| format!("writing {}", dir.config_path().display()))?;
+        cluster_key = Some((abs, key.fingerprint().to_string(), created));
+    }
     let listen: Vec<String> = report
         .config
         .listen
@@ -71,6 +100,9 @@ pub fn init(_args: InitArgs, data_dir: PathBuf, json: bool) -> Result<()> {
             "config_file": dir.config_path(),
             "identity_file": dir.identity_path(),
             "api_token_file": dir.token_path(),
+            "cluster_key_file": cluster_key.as_ref().map(|k| &k.0),
+            "cluster_key_fingerprint": cluster_key.as_ref().map(|k| &k.1),
+            "cluster_key_created": cluster_key.as_ref().map(|k| k.2),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -87,6 +119,13 @@ pub fn init(_args: InitArgs, data_dir: PathBuf, json: bool) -> Result<()> {
         }
         println!("config    {}", dir.config_path().display());
         println!("api token {}", dir.token_path().display());
+        if let Some((path, fingerprint, created)) = &cluster_key {
+            let verb = if *created { "new" } else { "existing" };
+            println!(
+                "cluster key {} ({verb}, fingerprint {fingerprint})",
+                path.display()
+            );
+        }
     }
     Ok(())
 }
@@ -125,6 +164,9 @@ pub fn effective_config(args: &ServeArgs, dir: &DataDir) -> Result<Config> {
     }
     if let Some(c) = &args.cluster {
         config.cluster = c.clone();
+    }
+    if let Some(k) = &args.cluster_key_file {
+        config.cluster_key_file = Some(k.clone());
     }
     config.validate()?;
     Ok(config)

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use entente_model::NodeId;
 use libp2p::identity::Keypair;
+use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,12 @@ pub struct Config {
     pub mdns: bool,
     /// A schema TOML file; the built-in CRM schema when absent.
     pub schema: Option<PathBuf>,
+    /// The cluster's pre-shared key (libp2p private network, the
+    /// `/key/swarm/psk/1.0.0/` file format, mode 0600): every connection is
+    /// encrypted with it before anything else is said, so a node without
+    /// the same key cannot even begin a handshake. Absent: no key (the
+    /// allow-list alone decides who may talk to the node).
+    pub cluster_key_file: Option<PathBuf>,
     /// Network limits.
     pub limits: Limits,
     /// Replication timing.
@@ -140,6 +147,7 @@ impl Default for Config {
             api_require_token: false,
             mdns: false,
             schema: None,
+            cluster_key_file: None,
             limits: Limits::default(),
             sync: SyncTuning::default(),
         }
@@ -351,6 +359,41 @@ impl DataDir {
         let t = std::fs::read_to_string(self.token_path())?;
         Ok(t.trim().to_string())
     }
+}
+
+/// Reads a cluster key file (refusing one others may read).
+pub fn read_cluster_key(path: &Path) -> Result<PreSharedKey> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cluster key {}: {e}", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "cluster key {} is readable by others (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            )));
+        }
+    }
+    text.parse::<PreSharedKey>().map_err(|e| {
+        Error::Config(format!(
+            "cluster key {}: {e} (expected `/key/swarm/psk/1.0.0/`, `/base16/` and 64 hex digits, one per line)",
+            path.display()
+        ))
+    })
+}
+
+/// Writes a new random cluster key to `path` (mode 0600; refuses to replace
+/// an existing file).
+pub fn new_cluster_key(path: &Path) -> Result<PreSharedKey> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Config(format!("no OS randomness: {e}")))?;
+    let key = PreSharedKey::new(bytes);
+    write_private(path, key.to_key_file().as_bytes())
+        .map_err(|e| Error::Config(format!("cluster key {}: {e}", path.display())))?;
+    Ok(key)
 }
 
 /// Writes a file only its owner can read (created with mode 0600).

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use entente_model::{CollisionKind, RecordId, ResolveRequest};
+use entente_node::config::new_cluster_key;
 use entente_node::libp2p::{Multiaddr, PeerId};
 use entente_node::runtime::{self, NodeHandle, RunningNode};
 use entente_node::{CollisionFilter, Config, DataDir};
@@ -35,10 +36,14 @@ fn test_config() -> Config {
 }
 
 async fn spawn_node() -> TestNode {
+    spawn_node_with(test_config()).await
+}
+
+async fn spawn_node_with(config: Config) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let data = DataDir::new(dir.path());
     data.init().unwrap();
-    let running = runtime::start(&data, test_config()).await.unwrap();
+    let running = runtime::start(&data, config).await.unwrap();
     let h = running.handle.clone();
     let peer = h.peer_id();
     let addr = wait_for("a listen address", || async {
@@ -349,16 +354,7 @@ async fn a_peer_off_the_allow_list_cannot_connect_or_push() {
         .add_peer(a.peer, Some(a.addr.clone()))
         .await
         .unwrap();
-    wait_until("the intruder to have tried several times", || async {
-        intruder
-            .h
-            .peers()
-            .await
-            .unwrap()
-            .iter()
-            .any(|p| p.peer_id == a.peer.to_string() && p.dial_attempts >= 3)
-    })
-    .await;
+    dialed_several_times(&intruder, &a).await;
     // Something written after those attempts arrives from B, so A was
     // listening and replicating all along.
     let later = create(&b, json!({"first_name": "Later"})).await;
@@ -371,6 +367,64 @@ async fn a_peer_off_the_allow_list_cannot_connect_or_push() {
     );
     assert!(!syncing(&intruder, &a).await);
     stop_all(vec![a, b, intruder]).await;
+}
+
+/// Waits until `dialer` has dialed `target` (and failed) three times.
+async fn dialed_several_times(dialer: &TestNode, target: &TestNode) {
+    wait_until("several failed dials", || async {
+        dialer
+            .h
+            .peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.peer_id == target.peer.to_string() && p.dial_attempts >= 3)
+    })
+    .await;
+}
+
+/// `dialer` keeps failing to connect to `target`.
+async fn shut_out(dialer: &TestNode, target: &TestNode) {
+    dialed_several_times(dialer, target).await;
+    assert!(!connected(dialer, target).await);
+    assert!(!connected(target, dialer).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_key_keeps_out_nodes_without_it() {
+    let keys = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (keys.path().join("ours.key"), keys.path().join("theirs.key"));
+    new_cluster_key(&ours).unwrap();
+    new_cluster_key(&theirs).unwrap();
+    let keyed = |path: &std::path::Path| Config {
+        cluster_key_file: Some(path.to_path_buf()),
+        ..test_config()
+    };
+    let a = spawn_node_with(keyed(&ours)).await;
+    let b = spawn_node_with(keyed(&ours)).await;
+    let other_key = spawn_node_with(keyed(&theirs)).await;
+    let no_key = spawn_node().await;
+    link(&b, &a).await;
+    wait_until("A and B (same key) syncing", || syncing(&a, &b)).await;
+    let from_b = create(&b, json!({"first_name": "Keyed"})).await;
+    wait_until("B's write at A", || has(&a, &from_b)).await;
+
+    // Both allow-list each other: only the key stands between them.
+    for outsider in [&other_key, &no_key] {
+        link(outsider, &a).await;
+        let secret = create(outsider, json!({"first_name": "Outsider"})).await;
+        shut_out(outsider, &a).await;
+        assert!(!has(&a, &secret).await, "an outsider's record reached A");
+    }
+    // A, keyed, cannot reach the node without a key either.
+    a.h.add_peer(no_key.peer, Some(no_key.addr.clone()))
+        .await
+        .unwrap();
+    shut_out(&a, &no_key).await;
+    // And A kept replicating with B all along.
+    let later = create(&b, json!({"first_name": "Later"})).await;
+    wait_until("B's later write at A", || has(&a, &later)).await;
+    stop_all(vec![a, b, other_key, no_key]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

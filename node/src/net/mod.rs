@@ -62,7 +62,13 @@ use libp2p::{
     ping, request_response, tcp, yamux,
 };
 
-use crate::config::Config;
+use libp2p::PeerId;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, Transport};
+use libp2p::core::upgrade::Version;
+use libp2p::pnet::PnetConfig;
+
+use crate::config::{Config, read_cluster_key};
 use crate::error::{Error, Result};
 use crate::sync::wire::MAX_MESSAGE_BYTES;
 
@@ -222,9 +228,39 @@ pub fn topic(cluster: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("entente/{cluster}/push"))
 }
 
-/// Builds the swarm: TCP + Noise + Yamux, the behaviour, the allow-list
-/// filled from the config.
+/// Noise and Yamux over `base`, as libp2p's own TCP builder stacks them.
+fn authenticated<T>(
+    base: T,
+    key: &Keypair,
+    yamux_config: yamux::Config,
+) -> std::result::Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>>
+where
+    T: Transport + Send + Unpin + 'static,
+    T::Output: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T::Error: Send + Sync + 'static,
+    T::Dial: Send + 'static,
+    T::ListenerUpgrade: Send + 'static,
+{
+    Ok(base
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise::Config::new(key)?)
+        .multiplex(yamux_config)
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
+}
+
+/// Builds the swarm: TCP (inside the cluster key's private network when the
+/// config names one) + Noise + Yamux, the behaviour, the allow-list filled
+/// from the config.
 pub fn build_swarm(key: Keypair, config: &Config) -> Result<Swarm<Behaviour>> {
+    let psk = config
+        .cluster_key_file
+        .as_deref()
+        .map(read_cluster_key)
+        .transpose()?;
+    if let Some(psk) = &psk {
+        tracing::info!(fingerprint = %psk.fingerprint(), "private network: connections need the cluster key");
+    }
     let limits = &config.limits;
     let mut yamux_config = yamux::Config::default();
     yamux_config.set_max_num_streams(limits.max_streams_per_connection);
@@ -250,11 +286,19 @@ pub fn build_swarm(key: Keypair, config: &Config) -> Result<Swarm<Behaviour>> {
     let mdns_on = config.mdns;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            move || yamux_config,
-        )
+        .with_other_transport(move |key| {
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            match psk {
+                // The private network's handshake runs first, on the raw
+                // socket: without the key nothing else can be read.
+                Some(psk) => authenticated(
+                    tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
+                    key,
+                    yamux_config,
+                ),
+                None => authenticated(tcp, key, yamux_config),
+            }
+        })
         .map_err(|e| net_err(&e))?
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
