@@ -46,7 +46,8 @@ pub struct Config {
     /// Name of the cluster: nodes gossip on the topic `entente/<cluster>/push`
     /// and only hear pushes of their own cluster.
     pub cluster: String,
-    /// Multiaddrs to listen on (TCP), e.g. `/ip4/0.0.0.0/tcp/4001`.
+    /// Multiaddrs to listen on, TCP (`/ip4/0.0.0.0/tcp/4001`) or QUIC
+    /// (`/ip4/0.0.0.0/udp/4001/quic-v1`; not with a cluster key).
     pub listen: Vec<Multiaddr>,
     /// Static peers, `MULTIADDR/p2p/PEER_ID`: allow-listed, dialed at start
     /// and redialed with exponential backoff while unreachable.
@@ -194,6 +195,13 @@ impl Config {
             return Err(Error::Config(
                 "limits must be positive (streams at least 4, gossip at least 1024 bytes)".into(),
             ));
+        }
+        if self.cluster_key_file.is_some()
+            && let Some(a) = self.listen.iter().chain(&self.peers).find(|a| is_quic(a))
+        {
+            return Err(Error::Config(format!(
+                "{a}: QUIC cannot carry the cluster key (libp2p's private network runs over TCP only); use TCP addresses or no cluster_key_file"
+            )));
         }
         let s = &self.sync;
         if s.pull_interval_ms == 0 || s.redial_min_ms == 0 || s.redial_max_ms < s.redial_min_ms {
@@ -361,6 +369,16 @@ impl DataDir {
     }
 }
 
+/// Whether a multiaddr names a QUIC transport.
+pub fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| {
+        matches!(
+            p,
+            libp2p::multiaddr::Protocol::QuicV1 | libp2p::multiaddr::Protocol::Quic
+        )
+    })
+}
+
 /// Reads a cluster key file (refusing one others may read).
 pub fn read_cluster_key(path: &Path) -> Result<PreSharedKey> {
     let text = std::fs::read_to_string(path)
@@ -440,6 +458,22 @@ mod tests {
         let e = Config::from_toml(r#"peers = ["/ip4/127.0.0.1/tcp/1"]"#).unwrap_err();
         assert!(e.to_string().contains("/p2p/"), "{e}");
         assert!(Config::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn quic_addresses_are_refused_with_a_cluster_key() {
+        let quic = r#"listen = ["/ip4/0.0.0.0/udp/4001/quic-v1"]"#;
+        Config::from_toml(quic).unwrap();
+        let keyed = format!("{quic}\ncluster_key_file = \"/k\"");
+        let e = Config::from_toml(&keyed).unwrap_err();
+        assert!(
+            e.to_string().contains("QUIC cannot carry the cluster key"),
+            "{e}"
+        );
+        let peer = r#"cluster_key_file = "/k"
+peers = ["/ip4/10.0.0.2/udp/4001/quic-v1/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"]"#;
+        assert!(Config::from_toml(peer).is_err());
+        Config::from_toml("cluster_key_file = \"/k\"").unwrap();
     }
 
     #[test]

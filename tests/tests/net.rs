@@ -369,6 +369,43 @@ async fn a_peer_off_the_allow_list_cannot_connect_or_push() {
     stop_all(vec![a, b, intruder]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_listening_on_quic_only_replicate() {
+    let quic = || Config {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        ..test_config()
+    };
+    let (a, b) = (spawn_node_with(quic()).await, spawn_node_with(quic()).await);
+    assert!(a.addr.to_string().contains("/quic-v1"), "{}", a.addr);
+    link(&b, &a).await;
+    wait_until("A and B syncing over QUIC", || syncing(&a, &b)).await;
+    let from_a = create(&a, json!({"first_name": "Quinn"})).await;
+    let from_b = create(&b, json!({"first_name": "Udo"})).await;
+    wait_until("A's write at B", || has(&b, &from_a)).await;
+    wait_until("B's write at A", || has(&a, &from_b)).await;
+    // The allow-list holds on QUIC as on TCP.
+    let intruder = spawn_node_with(quic()).await;
+    let secret = create(&intruder, json!({"first_name": "Mallory"})).await;
+    intruder
+        .h
+        .add_peer(a.peer, Some(a.addr.clone()))
+        .await
+        .unwrap();
+    // (QUIC completes its TLS handshake before A's allow-list closes the
+    // connection, so the intruder may count itself connected for a moment.)
+    dialed_several_times(&intruder, &a).await;
+    let later = create(&b, json!({"first_name": "Later"})).await;
+    wait_until("B's later write at A", || has(&a, &later)).await;
+    assert!(!has(&a, &secret).await, "the intruder's record reached A");
+    let peers = a.h.peers().await.unwrap();
+    assert!(
+        !peers.iter().any(|p| p.peer_id == intruder.peer.to_string()),
+        "A lists the intruder: {peers:?}"
+    );
+    assert!(!syncing(&intruder, &a).await);
+    stop_all(vec![a, b, intruder]).await;
+}
+
 /// Waits until `dialer` has dialed `target` (and failed) three times.
 async fn dialed_several_times(dialer: &TestNode, target: &TestNode) {
     wait_until("several failed dials", || async {

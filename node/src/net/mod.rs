@@ -59,7 +59,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
     StreamProtocol, Swarm, allow_block_list, connection_limits, gossipsub, identify, mdns, noise,
-    ping, request_response, tcp, yamux,
+    ping, quic, request_response, tcp, yamux,
 };
 
 use libp2p::PeerId;
@@ -250,8 +250,8 @@ where
 }
 
 /// Builds the swarm: TCP (inside the cluster key's private network when the
-/// config names one) + Noise + Yamux, the behaviour, the allow-list filled
-/// from the config.
+/// config names one) + Noise + Yamux, and QUIC when there is no cluster key;
+/// the behaviour; the allow-list filled from the config.
 pub fn build_swarm(key: Keypair, config: &Config) -> Result<Swarm<Behaviour>> {
     let psk = config
         .cluster_key_file
@@ -262,6 +262,7 @@ pub fn build_swarm(key: Keypair, config: &Config) -> Result<Swarm<Behaviour>> {
         tracing::info!(fingerprint = %psk.fingerprint(), "private network: connections need the cluster key");
     }
     let limits = &config.limits;
+    let quic_streams = u32::try_from(limits.max_streams_per_connection).unwrap_or(u32::MAX);
     let mut yamux_config = yamux::Config::default();
     yamux_config.set_max_num_streams(limits.max_streams_per_connection);
     let net_err = |e: &dyn std::fmt::Display| Error::Network(e.to_string());
@@ -290,13 +291,24 @@ pub fn build_swarm(key: Keypair, config: &Config) -> Result<Swarm<Behaviour>> {
             let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
             match psk {
                 // The private network's handshake runs first, on the raw
-                // socket: without the key nothing else can be read.
+                // socket: without the key nothing else can be read. QUIC
+                // cannot carry it (`Config::validate` refuses QUIC
+                // addresses with a key), so a keyed node speaks TCP only.
                 Some(psk) => authenticated(
                     tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
                     key,
                     yamux_config,
                 ),
-                None => authenticated(tcp, key, yamux_config),
+                None => {
+                    let mut quic_config = quic::Config::new(key);
+                    quic_config.max_concurrent_stream_limit = quic_streams;
+                    let quic = quic::tokio::Transport::new(quic_config)
+                        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+                    Ok(authenticated(tcp, key, yamux_config)?
+                        .or_transport(quic)
+                        .map(|either, _| either.into_inner())
+                        .boxed())
+                }
             }
         })
         .map_err(|e| net_err(&e))?
