@@ -100,11 +100,7 @@ impl Workload {
     pub fn step(&mut self, sim: &mut Sim, site: usize) {
         let k = self.rng.below(100);
         match k {
-            0..=24 => {
-                let email = self.pool_email();
-                let force = self.rng.below(3) == 0;
-                self.create_contact(sim, site, &email, force);
-            }
+            0..=24 => self.create_pool_contact(sim, site),
             25..=39 => self.create_child(sim, site),
             40..=64 => self.edit_contact(sim, site),
             65..=71 => self.edit_child(sim, site),
@@ -124,25 +120,21 @@ impl Workload {
             _ => self.pick_contact(sim, site),
         };
         match (k, contact) {
-            (30..=79, Some(id)) => {
-                let field = CONTACT_FIELDS[self.rng.below(CONTACT_FIELDS.len())];
-                let (value, force) = if field == "email" {
-                    (self.pool_email(), self.rng.below(2) == 0)
-                } else {
-                    (format!("v{}", self.rng.below(1000)), false)
-                };
-                self.update(sim, site, &id, field, &value, force);
-            }
+            (30..=79, Some(id)) => self.edit_contact_field(sim, site, &id),
             (80..=91, Some(id)) => {
                 self.delete_id(sim, site, &id);
             }
             (92.., Some(_)) => self.restore(sim, site),
-            _ => {
-                let email = self.pool_email();
-                let force = self.rng.below(3) == 0;
-                self.create_contact(sim, site, &email, force);
-            }
+            _ => self.create_pool_contact(sim, site),
         }
+    }
+
+    /// Creates a contact with an e-mail from the pool, forced a third of the
+    /// time.
+    fn create_pool_contact(&mut self, sim: &mut Sim, site: usize) {
+        let email = self.pool_email();
+        let force = self.rng.below(3) == 0;
+        self.create_contact(sim, site, &email, force);
     }
 
     fn pool_email(&mut self) -> String {
@@ -252,13 +244,19 @@ impl Workload {
         let Some(id) = self.pick_contact(sim, site) else {
             return self.create_child(sim, site);
         };
+        self.edit_contact_field(sim, site, &id);
+    }
+
+    /// Sets a random field of contact `id` at `site` (an e-mail from the
+    /// pool, forced half the time).
+    fn edit_contact_field(&mut self, sim: &mut Sim, site: usize, id: &RecordId) {
         let field = CONTACT_FIELDS[self.rng.below(CONTACT_FIELDS.len())];
         let (value, force) = if field == "email" {
             (self.pool_email(), self.rng.below(2) == 0)
         } else {
             (format!("v{}", self.rng.below(1000)), false)
         };
-        self.update(sim, site, &id, field, &value, force);
+        self.update(sim, site, id, field, &value, force);
     }
 
     fn update(
