@@ -1093,6 +1093,144 @@ fn malformed_remote_changes_are_rejected() {
     });
 }
 
+/// A large remote batch is tried on worker threads (each record is its own
+/// document); what lands must not depend on it: the same batch applied
+/// with one thread, with four, and record by record gives the same records
+/// and collisions, and the two batched stores the same report and feed.
+#[test]
+fn a_large_batch_tried_on_threads_lands_as_on_one() {
+    let ca = clock(40);
+    let (_akv, mut a) = mem(nid(1), &ca);
+    // Every tenth contact is written at another site with the e-mail of
+    // the contact before it: duplicates.
+    let (_ckv, mut c) = mem(nid(3), &clock(42));
+    let mut contacts = Vec::new();
+    for i in 0..120 {
+        let (site, n) = if i % 10 == 9 {
+            (&mut c, i - 1)
+        } else {
+            (&mut a, i)
+        };
+        contacts.push(create(
+            site,
+            "contacts",
+            json!({"first_name": format!("P{i}"), "email": format!("p{n}@x.org")}),
+        ));
+    }
+    let changes_of = |a: &mut Store, c: &mut Store, id: &RecordId| match a.changes_for(id, &[]) {
+        Ok(ch) if !ch.is_empty() => ch,
+        _ => c.changes_for(id, &[]).unwrap(),
+    };
+    let mut addresses = Vec::new();
+    for (i, c) in contacts
+        .iter()
+        .enumerate()
+        .take(33)
+        .filter(|(i, _)| i % 10 != 9)
+    {
+        addresses.push(create(
+            &mut a,
+            "addresses",
+            json!({"contact_id": c.to_string(), "city": format!("C{i}")}),
+        ));
+    }
+    // The receivers already hold the first 40 contacts as first written.
+    let early: Vec<(RecordId, Vec<Vec<u8>>)> = contacts[..40]
+        .iter()
+        .map(|id| (id.clone(), changes_of(&mut a, &mut c, id)))
+        .collect();
+    for (i, id) in contacts
+        .iter()
+        .enumerate()
+        .take(60)
+        .filter(|(i, _)| i % 10 != 9)
+    {
+        ca.advance(10);
+        a.update(id, &f(json!({"city": format!("T{i}")})), None, false)
+            .unwrap();
+    }
+    // Deleted contacts, two of them held by the receivers already.
+    for id in [&contacts[0], &contacts[1], &contacts[50]] {
+        a.delete(id).unwrap();
+    }
+    let mut batch: Vec<(RecordId, Vec<Vec<u8>>)> = contacts
+        .iter()
+        .chain(&addresses)
+        .map(|id| (id.clone(), changes_of(&mut a, &mut c, id)))
+        .collect();
+    // Bad input among the good: junk bytes, another record's changes, and a
+    // change whose dependencies are missing (it waits).
+    batch.push((rid(9001), vec![b"junk".to_vec()]));
+    batch.push((rid(9002), a.changes_for(&contacts[100], &[]).unwrap()));
+    let heads_before = a.heads(&contacts[110]).unwrap();
+    ca.advance(10);
+    a.update(&contacts[110], &f(json!({"city": "Late"})), None, false)
+        .unwrap();
+    let newest = a.changes_for(&contacts[110], &heads_before).unwrap();
+    assert_eq!(newest.len(), 1);
+    batch.retain(|(id, _)| id != &contacts[110]);
+    batch.push((contacts[110].clone(), newest));
+
+    let receive = |threads: usize, one_by_one: bool| {
+        let kv = Arc::new(MemKv::new());
+        let opts = StoreOptions {
+            apply_threads: threads,
+            ..fast()
+        };
+        let mut b = Store::with_kv(kv, schema(), nid(2), clock(41), opts).unwrap();
+        b.apply_remote(early.clone()).unwrap();
+        let reports: Vec<ApplyReport> = if one_by_one {
+            batch
+                .iter()
+                .map(|item| b.apply_remote(vec![item.clone()]).unwrap())
+                .collect()
+        } else {
+            vec![b.apply_remote(batch.clone()).unwrap()]
+        };
+        (reports, state(&mut b))
+    };
+    let (one, s1) = receive(1, false);
+    let (four, s4) = receive(4, false);
+    let (_, sn) = receive(1, true);
+    assert_eq!(one, four);
+    assert_eq!(s1, s4);
+    check_invariants(&s4);
+    assert_eq!(sn.records.len(), s4.records.len());
+    for (x, y) in sn.records.iter().zip(&s4.records) {
+        assert_eq!((&x.id, &x.heads, &x.fields), (&y.id, &y.heads, &y.fields));
+    }
+    let kinds = |s: &State| -> Vec<(String, Vec<RecordId>)> {
+        let mut v: Vec<_> = s
+            .collisions
+            .iter()
+            .map(|c| (format!("{:?}", c.kind), c.records.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(kinds(&sn), kinds(&s4));
+
+    // What the batch held, as the report and the state say.
+    let r = &four[0];
+    let rejected: Vec<&RecordId> = r.rejected.iter().map(|(id, _)| id).collect();
+    assert_eq!(rejected, vec![&rid(9001), &rid(9002)], "{r:?}");
+    assert_eq!(r.changes_pending, 1, "{r:?}");
+    // 150 records, less contact 110 (its change waits) and the four
+    // contacts the receivers held already that did not change since.
+    assert_eq!(r.records_changed, 145, "{r:?}");
+    assert_eq!(r.changes_duplicate, 40, "{r:?}");
+    assert_eq!(s4.records.len(), 149, "contact 110 waits for its creation");
+    assert_eq!(s4.stats.pending_changes, 1);
+    assert_eq!(
+        s4.collisions
+            .iter()
+            .filter(|c| c.kind == CollisionKind::Duplicate)
+            .count(),
+        12,
+        "every tenth contact shares an e-mail"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 9. Compaction.
 

@@ -72,6 +72,10 @@ pub struct StoreOptions {
     /// fewer, larger flushes; each open allocates arenas and filters sized
     /// from it (the simulator's many small stores use a small one).
     pub memtable_bytes: usize,
+    /// Threads that try a large remote batch's changes on copies of the
+    /// records' documents (each record is its own document). Default: the
+    /// machine's cores, at most 4. The outcome does not depend on it.
+    pub apply_threads: usize,
     /// Test-only fault injection; `None` in every real node.
     #[doc(hidden)]
     pub fault: Option<TestFault>,
@@ -98,6 +102,7 @@ impl Default for StoreOptions {
             compact_bytes_factor: 2,
             sync: true,
             memtable_bytes: kv::MEMTABLE_BYTES,
+            apply_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             fault: None,
         }
     }
@@ -464,6 +469,12 @@ struct Slot {
     /// and duplicate subjects cannot hold a collision and are not evaluated;
     /// its references still are (see `finish`).
     fresh: bool,
+    /// The record's metadata was in storage when the operation took it.
+    stored: bool,
+    /// A record new to this store, applied from a peer: its first snapshot,
+    /// saved while the batch was tried (see [`Store::try_changes`]), valid
+    /// while the document's heads are these.
+    presaved: Option<(Vec<ChangeHash>, Vec<u8>)>,
 }
 
 #[derive(Default)]
@@ -471,13 +482,182 @@ struct Work {
     slots: BTreeMap<RecordId, Slot>,
 }
 
-/// How one record of a remote batch is applied.
-#[derive(Clone, Copy)]
-struct ApplyOpts<'a> {
+/// One record of a remote batch, taken into the working set (see
+/// [`Store::prepare`]).
+struct Prepared {
+    id: RecordId,
+    /// The store held the record before this batch.
+    known: bool,
+    /// The peer's changes, as received.
+    raw: Vec<Vec<u8>>,
+    /// Changes of the record that waited in storage for their dependencies:
+    /// their keys, and their bytes (moved into the attempt).
+    waiting_keys: Vec<Vec<u8>>,
+    waiting_raw: Vec<Vec<u8>>,
+}
+
+/// What is needed to try changes, shared by the worker threads.
+struct TryCtx<'a> {
+    schema: &'a Schema,
+    node: NodeId,
     /// Partial replication: the collections kept (empty: all).
     only: &'a BTreeSet<String>,
-    /// Whether any change waits for its dependencies in storage.
-    waiting: bool,
+    fault: Option<TestFault>,
+}
+
+/// One record's attempt: its document as the store holds it, and the
+/// changes to try on a copy of it.
+struct Job<'a> {
+    base: &'a Automerge,
+    id: RecordId,
+    known: bool,
+    raw: Vec<Vec<u8>>,
+    waiting: Vec<Vec<u8>>,
+}
+
+/// The outcome of trying one record's changes.
+enum Tried {
+    /// Every change is in the document already.
+    Nothing { duplicate: usize },
+    /// The copy with the changes applied, checked, and what the batch will
+    /// need of it.
+    Applied(Box<Applied>),
+    /// The changes may not be applied (the reason is quarantined).
+    Rejected(String),
+}
+
+/// A record's changes applied to a copy of its document.
+struct Applied {
+    rec: Record,
+    /// The changes that were not in the document before (applied, or
+    /// still waiting for their dependencies).
+    fresh: Vec<Change>,
+    duplicate: usize,
+    /// A record new to this store: its first snapshot, with its heads.
+    snapshot: Option<(Vec<ChangeHash>, Vec<u8>)>,
+    /// Its unique values, as `Store::index` computes them.
+    unique: Option<Vec<(String, String)>>,
+}
+
+/// Records per thread below which a batch's changes are tried on fewer
+/// threads (a thread costs tens of microseconds; a record's attempt tens).
+pub const PARALLEL_APPLY_MIN_PER_THREAD: usize = 16;
+
+/// Parses a record's changes, applies the new ones to a copy of its
+/// document under a panic guard, checks the copy, and prepares what
+/// storing it will need. Touches nothing shared: worker threads run it.
+fn try_changes(ctx: &TryCtx<'_>, job: Job<'_>) -> Tried {
+    let Job {
+        base,
+        id,
+        known,
+        raw,
+        waiting,
+    } = job;
+    if raw.len() > MAX_CHANGES_PER_RECORD {
+        return Tried::Rejected(format!("{} changes in one batch", raw.len()));
+    }
+    let mut incoming: BTreeMap<ChangeHash, Change> = BTreeMap::new();
+    for bytes in raw {
+        match parse_change(bytes) {
+            Ok(c) => {
+                incoming.insert(c.hash(), c);
+            }
+            Err(e) => return Tried::Rejected(e),
+        }
+    }
+    // Changes that were waiting for this record join the attempt.
+    for b in waiting {
+        if let Ok(c) = parse_change(b) {
+            incoming.entry(c.hash()).or_insert(c);
+        }
+    }
+    let old_heads = base.get_heads();
+    let fresh: Vec<Change> = incoming
+        .values()
+        .filter(|c| base.get_change_meta_by_hash(&c.hash()).is_none())
+        .cloned()
+        .collect();
+    let duplicate = incoming.len() - fresh.len();
+    if fresh.is_empty() {
+        return Tried::Nothing { duplicate };
+    }
+    let mut copy = base.clone();
+    if ctx.fault == Some(TestFault::AbortInApply) {
+        std::process::abort();
+    }
+    let applied = catch_unwind(AssertUnwindSafe(
+        || -> std::result::Result<Automerge, String> {
+            copy.apply_changes(fresh.clone())
+                .map_err(|e| e.to_string())?;
+            // A document that accepted bad input can disagree with itself:
+            // the change metadata and the rebuilt changes must name the same
+            // hashes before the copy may replace the original.
+            let meta: BTreeSet<ChangeHash> = copy
+                .get_changes_meta(&old_heads)
+                .iter()
+                .map(|m| m.hash)
+                .collect();
+            let full: BTreeSet<ChangeHash> = copy
+                .get_changes(&old_heads)
+                .iter()
+                .map(|c| c.hash())
+                .collect();
+            if meta != full {
+                return Err("document inconsistent after applying".into());
+            }
+            Ok(copy)
+        },
+    ));
+    let doc = match applied {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => return Tried::Rejected(e),
+        Err(_) => return Tried::Rejected("automerge panicked applying the changes".into()),
+    };
+    let mut rec = Record::from_doc(doc);
+    rec.set_writer(ctx.node);
+    // The record must say it is the record it was sent as: every value of
+    // `_id`, not only the one winning a conflict (another record's
+    // creating change merged in would otherwise lose quietly and stay).
+    let foreign = rec.with_root(entente_model::record::KEY_ID, |vals| {
+        vals.iter()
+            .find_map(|(v, _)| match v.as_str().map(RecordId::parse) {
+                Some(Ok(doc_id)) if doc_id == id => None,
+                Some(Ok(doc_id)) => Some(doc_id.to_string()),
+                _ => Some(format!("{v}")),
+            })
+    });
+    if let Some(doc_id) = foreign {
+        return Tried::Rejected(format!("changes belong to record {doc_id}"));
+    }
+    // What storing the record will need, computed here while other threads
+    // do the same for other records: its unique values, and for a record
+    // new to this store (kept here, with its identity) its first snapshot.
+    let mut snapshot = None;
+    let mut unique = None;
+    if let Some(collection) = rec.collection()
+        && rec.id().is_some()
+        && ctx.schema.collection(&collection).is_ok()
+        && (ctx.only.is_empty() || ctx.only.contains(&collection))
+    {
+        let mut values = Vec::new();
+        for key in ctx.schema.unique_keys(&collection) {
+            for v in unique_values(ctx.schema, &rec, &key) {
+                values.push((key.name.clone(), v));
+            }
+        }
+        unique = Some(values);
+        if !known {
+            snapshot = Some((rec.heads(), rec.doc().save()));
+        }
+    }
+    Tried::Applied(Box::new(Applied {
+        rec,
+        fresh,
+        duplicate,
+        snapshot,
+        unique,
+    }))
 }
 
 /// An operation that touched more records than this does not put them in
@@ -775,6 +955,8 @@ impl Store {
                 forced: false,
                 unique_now: None,
                 fresh: false,
+                stored: true,
+                presaved: None,
             },
         );
         Ok(true)
@@ -1239,6 +1421,8 @@ impl Store {
                         forced: item.force,
                         unique_now: None,
                         fresh: !item.force,
+                        stored: false,
+                        presaved: None,
                     },
                 );
                 // Index this record now so later items of the batch see it.
@@ -1605,18 +1789,25 @@ impl Store {
             // Changes waiting for their dependencies are rare; when none
             // waits for any record, no record of the batch looks for them
             // (a prefix scan per record, 5% of a catch-up). The batch adds
-            // waiting changes only for records it has already processed.
+            // waiting changes only under its own records' ids, each of
+            // which it reads once, before.
             let mut waiting = false;
             self.kv.scan(Cf::Pending, b"", b"", &mut |_, _| {
                 waiting = true;
                 false
             })?;
+            // Every record is taken into the working set first, then its
+            // changes are tried on copies of the documents (on worker
+            // threads when the batch is large: each record is its own
+            // document), then the outcomes are taken in batch order.
+            let mut prepared = Vec::with_capacity(grouped.len());
             for (id, raw) in grouped {
-                let opts = ApplyOpts {
-                    only: collections,
-                    waiting,
-                };
-                match self.apply_record(&mut work, &mut tx, &id, raw, opts, &mut report) {
+                prepared.push(self.prepare(&mut work, &tx, id, raw, waiting)?);
+            }
+            let tried = self.try_all(&work, collections, &mut prepared);
+            for (p, t) in prepared.into_iter().zip(tried) {
+                let id = p.id.clone();
+                match self.conclude(&mut work, &mut tx, p, t, collections, &mut report) {
                     Ok(()) => {}
                     Err(Error::RejectedChange { reason, .. }) => {
                         let now = self.clock.now_ms();
@@ -1662,135 +1853,147 @@ impl Store {
         Ok(report)
     }
 
-    fn apply_record(
+    /// Takes one record of a remote batch into the working set, if this store
+    /// holds it, with the changes that waited in storage for it.
+    fn prepare(
+        &mut self,
+        work: &mut Work,
+        tx: &Tx,
+        id: RecordId,
+        raw: Vec<Vec<u8>>,
+        waiting: bool,
+    ) -> Result<Prepared> {
+        let mut waiting_keys = Vec::new();
+        let mut waiting_raw = Vec::new();
+        if waiting {
+            for k in tx.keys_with_prefix(Cf::Pending, &id_prefix(&id))? {
+                if let Some(b) = tx.get(Cf::Pending, &k)? {
+                    waiting_keys.push(k);
+                    waiting_raw.push(b);
+                }
+            }
+        }
+        let known = self.take(work, tx, &id)?;
+        Ok(Prepared {
+            id,
+            known,
+            raw,
+            waiting_keys,
+            waiting_raw,
+        })
+    }
+
+    /// Tries every prepared record's changes on a copy of its document, on
+    /// up to [`StoreOptions::apply_threads`] threads for a large batch.
+    /// Outcomes come back in the order of `prepared`, whatever the threads.
+    fn try_all(
+        &self,
+        work: &Work,
+        only: &BTreeSet<String>,
+        prepared: &mut [Prepared],
+    ) -> Vec<Tried> {
+        let ctx = TryCtx {
+            schema: &self.schema,
+            node: self.node,
+            only,
+            fault: self.opts.fault,
+        };
+        // The base of every record new to this store (`Automerge::new` costs
+        // as much as a small record's indexing).
+        let empty = Automerge::new();
+        let jobs: Vec<Job<'_>> = prepared
+            .iter_mut()
+            .map(|p| Job {
+                base: work.slots.get(&p.id).map_or(&empty, |s| s.rec.doc()),
+                id: p.id.clone(),
+                known: p.known,
+                raw: std::mem::take(&mut p.raw),
+                waiting: std::mem::take(&mut p.waiting_raw),
+            })
+            .collect();
+        let threads = self
+            .opts
+            .apply_threads
+            .min(jobs.len() / PARALLEL_APPLY_MIN_PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            return jobs.into_iter().map(|j| try_changes(&ctx, j)).collect();
+        }
+        let n = jobs.len();
+        // Round robin: neighbouring records are alike in size.
+        let mut shares: Vec<Vec<(usize, Job<'_>)>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, j) in jobs.into_iter().enumerate() {
+            shares[i % threads].push((i, j));
+        }
+        let run = |share: Vec<(usize, Job<'_>)>| -> Vec<(usize, Tried)> {
+            share
+                .into_iter()
+                .map(|(i, j)| (i, try_changes(&ctx, j)))
+                .collect()
+        };
+        let mut out: Vec<Option<Tried>> = (0..n).map(|_| None).collect();
+        let mine = shares.pop().expect("at least two shares");
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shares
+                .into_iter()
+                .map(|share| scope.spawn(|| run(share)))
+                .collect();
+            for (i, t) in run(mine) {
+                out[i] = Some(t);
+            }
+            for h in handles {
+                // A panic outside the per-record guard is a bug of ours, not
+                // a peer's input: it propagates as on one thread.
+                let done = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                for (i, t) in done {
+                    out[i] = Some(t);
+                }
+            }
+        });
+        out.into_iter().map(|t| t.expect("every job ran")).collect()
+    }
+
+    /// Takes one tried record's outcome into the working set and the batch.
+    fn conclude(
         &mut self,
         work: &mut Work,
         tx: &mut Tx,
-        id: &RecordId,
-        raw: Vec<Vec<u8>>,
-        opts: ApplyOpts<'_>,
+        p: Prepared,
+        tried: Tried,
+        only: &BTreeSet<String>,
         report: &mut ApplyReport,
     ) -> Result<()> {
-        let only = opts.only;
-        let reject = |reason: String| Error::RejectedChange {
-            record: id.to_string(),
-            reason,
-        };
-        if raw.len() > MAX_CHANGES_PER_RECORD {
-            return Err(reject(format!("{} changes in one batch", raw.len())));
-        }
-        let mut incoming: BTreeMap<ChangeHash, Change> = BTreeMap::new();
-        for bytes in raw {
-            let c = parse_change(bytes).map_err(&reject)?;
-            incoming.insert(c.hash(), c);
-        }
-        // Changes that were waiting for this record join the attempt.
-        let mut waiting = Vec::new();
-        let keys = if opts.waiting {
-            tx.keys_with_prefix(Cf::Pending, &id_prefix(id))?
-        } else {
-            Vec::new()
-        };
-        for k in keys {
-            if let Some(b) = tx.get(Cf::Pending, &k)? {
-                waiting.push(k.clone());
-                if let Ok(c) = parse_change(b) {
-                    incoming.entry(c.hash()).or_insert(c);
-                }
+        let Prepared {
+            id, waiting_keys, ..
+        } = p;
+        let (rec, fresh, snapshot, unique) = match tried {
+            Tried::Rejected(reason) => {
+                return Err(Error::RejectedChange {
+                    record: id.to_string(),
+                    reason,
+                });
             }
-        }
-        let known = self.take(work, tx, id)?;
-        if !known {
-            work.slots.insert(
-                id.clone(),
-                Slot {
-                    rec: Record::empty(self.node),
-                    meta: None,
-                    old_heads: Vec::new(),
-                    dirty: false,
-                    forced: false,
-                    unique_now: None,
-                    fresh: false,
-                },
-            );
-        }
-        let slot = work.slots.get_mut(id).expect("present");
-        let old_heads = slot.rec.heads();
-        let fresh: Vec<Change> = incoming
-            .values()
-            .filter(|c| slot.rec.doc().get_change_meta_by_hash(&c.hash()).is_none())
-            .cloned()
-            .collect();
-        report.changes_duplicate += incoming.len() - fresh.len();
-        if fresh.is_empty() {
-            for k in waiting {
-                tx.del(Cf::Pending, k);
-            }
-            if !known {
-                work.slots.remove(id);
-            }
-            return Ok(());
-        }
-        let mut copy = slot.rec.doc().clone();
-        if self.opts.fault == Some(TestFault::AbortInApply) {
-            std::process::abort();
-        }
-        let applied = catch_unwind(AssertUnwindSafe(
-            || -> std::result::Result<Automerge, String> {
-                copy.apply_changes(fresh.clone())
-                    .map_err(|e| e.to_string())?;
-                // A document that accepted bad input can disagree with itself:
-                // the change metadata and the rebuilt changes must name the same
-                // hashes before the copy may replace the original.
-                let meta: BTreeSet<ChangeHash> = copy
-                    .get_changes_meta(&old_heads)
-                    .iter()
-                    .map(|m| m.hash)
-                    .collect();
-                let full: BTreeSet<ChangeHash> = copy
-                    .get_changes(&old_heads)
-                    .iter()
-                    .map(|c| c.hash())
-                    .collect();
-                if meta != full {
-                    return Err("document inconsistent after applying".into());
+            Tried::Nothing { duplicate } => {
+                report.changes_duplicate += duplicate;
+                for k in waiting_keys {
+                    tx.del(Cf::Pending, k);
                 }
-                Ok(copy)
-            },
-        ));
-        let new_doc = match applied {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                if !known {
-                    work.slots.remove(id);
-                }
-                return Err(reject(e));
+                return Ok(());
             }
-            Err(_) => {
-                if !known {
-                    work.slots.remove(id);
-                }
-                return Err(reject("automerge panicked applying the changes".into()));
+            Tried::Applied(applied) => {
+                let Applied {
+                    rec,
+                    fresh,
+                    duplicate,
+                    snapshot,
+                    unique,
+                } = *applied;
+                report.changes_duplicate += duplicate;
+                (rec, fresh, snapshot, unique)
             }
         };
-        let mut rec = Record::from_doc(new_doc);
-        rec.set_writer(self.node);
-        // The record must say it is the record it was sent as: every value of
-        // `_id`, not only the one winning a conflict (another record's
-        // creating change merged in would otherwise lose quietly and stay).
-        let foreign = rec.with_root(entente_model::record::KEY_ID, |vals| {
-            vals.iter()
-                .find_map(|(v, _)| match v.as_str().map(RecordId::parse) {
-                    Some(Ok(doc_id)) if &doc_id == id => None,
-                    Some(Ok(doc_id)) => Some(doc_id.to_string()),
-                    _ => Some(format!("{v}")),
-                })
-        });
-        if let Some(doc_id) = foreign {
-            if !known {
-                work.slots.remove(id);
-            }
-            return Err(reject(format!("changes belong to record {doc_id}")));
+        for k in waiting_keys {
+            tx.del(Cf::Pending, k);
         }
         if !only.is_empty()
             && let Some(c) = rec.collection()
@@ -1798,46 +2001,59 @@ impl Store {
         {
             // Partial replication: not a collection this node keeps. Neither
             // the changes nor any that waited for them are stored.
-            for k in waiting {
-                tx.del(Cf::Pending, k);
-            }
-            if !known {
-                work.slots.remove(id);
-            }
             report.ignored.push(id.clone());
             return Ok(());
         }
         let mut still_pending = 0;
-        for k in &waiting {
-            tx.del(Cf::Pending, k.clone());
-        }
         for c in &fresh {
             if rec.doc().get_change_meta_by_hash(&c.hash()).is_some() {
                 report.changes_applied += 1;
             } else {
                 still_pending += 1;
-                let mut k = id_prefix(id);
+                let mut k = id_prefix(&id);
                 k.extend_from_slice(&c.hash().0);
                 tx.put(Cf::Pending, k, c.raw_bytes().to_vec());
             }
         }
         report.changes_pending += still_pending;
-        let has_identity = rec.id().is_some() && rec.collection().is_some();
-        let changed = rec.heads() != old_heads;
-        let slot = work.slots.get_mut(id).expect("present");
-        slot.rec = rec;
-        if !has_identity {
+        if rec.id().is_none() {
             // Nothing but pending changes yet: no record to index.
-            work.slots.remove(id);
             return Ok(());
         }
-        if let Some(c) = work.slots[id].rec.collection()
-            && self.schema.collection(&c).is_err()
-        {
-            work.slots.remove(id);
-            return Err(reject(format!("unknown collection `{c}`")));
+        let Some(collection) = rec.collection() else {
+            return Ok(());
+        };
+        if self.schema.collection(&collection).is_err() {
+            return Err(Error::RejectedChange {
+                record: id.to_string(),
+                reason: format!("unknown collection `{collection}`"),
+            });
         }
-        work.slots.get_mut(id).expect("present").dirty = changed;
+        match work.slots.get_mut(&id) {
+            Some(slot) => {
+                slot.dirty = rec.heads() != slot.rec.heads();
+                slot.rec = rec;
+                slot.unique_now = unique;
+                slot.presaved = snapshot;
+            }
+            None => {
+                // New to this store, and it has its creating change.
+                work.slots.insert(
+                    id,
+                    Slot {
+                        rec,
+                        meta: None,
+                        old_heads: Vec::new(),
+                        dirty: true,
+                        forced: false,
+                        unique_now: unique,
+                        fresh: false,
+                        stored: false,
+                        presaved: snapshot,
+                    },
+                );
+            }
+        }
         Ok(())
     }
 
@@ -2052,7 +2268,7 @@ impl Store {
         let mut subjects: BTreeSet<Subject> = BTreeSet::new();
         let mut before_unique: BTreeMap<RecordId, Vec<(String, String)>> = BTreeMap::new();
         for id in &dirty {
-            if work.slots[id].fresh {
+            if work.slots[id].fresh || !work.slots[id].stored {
                 continue; // nothing stored before
             }
             // What the record held before this operation (from storage).
@@ -2170,6 +2386,7 @@ impl Store {
                 self.seq.to_be_bytes().to_vec(),
                 id.as_str().as_bytes().to_vec(),
             );
+            let presaved = slot.presaved.take();
             let doc = slot.rec.doc();
             let is_new = meta.snap_len == 0;
             let compact = !is_new
@@ -2178,7 +2395,10 @@ impl Store {
                         > meta.snap_len.saturating_mul(self.opts.compact_bytes_factor));
             let mut snapshot = None;
             if is_new || compact {
-                let bytes = doc.save();
+                let bytes = match presaved {
+                    Some((heads, bytes)) if is_new && heads == doc.get_heads() => bytes,
+                    _ => doc.save(),
+                };
                 // Compaction replaces chunks only when the snapshot loads.
                 let loads = is_new
                     || (self.opts.fault != Some(TestFault::SnapshotDoesNotLoad)
