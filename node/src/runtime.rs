@@ -160,6 +160,8 @@ pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
     node_id: NodeId,
+    /// The node runs inside a cluster key's private network (TCP only).
+    keyed: bool,
 }
 
 /// A started node: its handle and the task running its event loop.
@@ -292,6 +294,7 @@ pub async fn start(dir: &DataDir, config: Config) -> Result<RunningNode> {
             commands: tx,
             peer_id,
             node_id,
+            keyed: config.cluster_key_file.is_some(),
         },
         task,
     })
@@ -462,6 +465,16 @@ impl NodeHandle {
             && peer_of(a)? != peer
         {
             return Err(Error::Config(format!("{a} names another peer than {peer}")));
+        }
+        // As `Config::validate` refuses for the configured peers: a QUIC
+        // connection would bypass the cluster key.
+        if let Some(a) = &addr
+            && self.keyed
+            && crate::config::is_quic(a)
+        {
+            return Err(Error::Config(format!(
+                "{a}: QUIC cannot carry the cluster key (libp2p's private network runs over TCP only); use a TCP address"
+            )));
         }
         self.ask(|reply| Command::AddPeer { peer, addr, reply })
             .await

@@ -444,6 +444,17 @@ async fn a_cluster_key_keeps_out_nodes_without_it() {
         shut_out(outsider, &a).await;
         assert!(!has(&a, &secret).await, "an outsider's record reached A");
     }
+    // A QUIC address would bypass the key: refused, as in the config.
+    let quic: Multiaddr = format!("/ip4/127.0.0.1/udp/9/quic-v1/p2p/{}", no_key.peer)
+        .parse()
+        .unwrap();
+    let refused = a.h.add_peer(no_key.peer, Some(quic)).await.unwrap_err();
+    assert_eq!(refused.code(), "CONFIG_ERROR", "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("QUIC cannot carry the cluster key")
+    );
     // A, keyed, cannot reach the node without a key either.
     a.h.add_peer(no_key.peer, Some(no_key.addr.clone()))
         .await
