@@ -1231,6 +1231,61 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
     );
 }
 
+/// A page of a peer's sync reads many records at once (their documents
+/// loaded on worker threads): the same changes as record by record, for
+/// records in the cache or not, with appended chunks or not, with heads the
+/// peer has, and nothing for an unknown id.
+#[test]
+fn changes_of_many_records_are_those_of_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = clock(44);
+    let mut a = open(&dir.path().join("a"), nid(1), &ca, fast());
+    let mut ids = Vec::new();
+    for i in 0..80 {
+        ids.push(create(
+            &mut a,
+            "contacts",
+            json!({"first_name": format!("P{i}"), "email": format!("m{i}@x.org")}),
+        ));
+    }
+    let mut have = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        have.push(a.heads(id).unwrap());
+        // Some records get appended chunks, a few of them several.
+        for k in 0..(i % 4) {
+            ca.advance(5);
+            a.update(id, &f(json!({"city": format!("C{i}-{k}")})), None, false)
+                .unwrap();
+        }
+    }
+    a.clear_cache();
+    // Half of the records are read back into the cache.
+    for id in ids.iter().step_by(2) {
+        a.get(id).unwrap();
+    }
+    let mut wanted: Vec<_> = ids
+        .iter()
+        .zip(&have)
+        .enumerate()
+        .map(|(i, (id, h))| (id.clone(), if i % 3 == 0 { h.clone() } else { Vec::new() }))
+        .collect();
+    wanted.insert(40, (rid(4242), Vec::new()));
+    let many = a.changes_for_many(&wanted).unwrap();
+    assert_eq!(many.len(), wanted.len());
+    for ((id, h), got) in wanted.iter().zip(&many) {
+        assert_eq!(got, &a.changes_for(id, h).unwrap(), "{id}");
+    }
+    assert!(many[40].is_empty(), "an unknown record has no changes");
+    assert_eq!(many[0].len(), 0, "record 0: the peer has all of it");
+    assert_eq!(many[4].len(), 1, "record 4: its one change");
+    assert_eq!(many[7].len(), 4, "record 7: its creation and 3 updates");
+    assert_eq!(
+        many[3].len(),
+        3,
+        "record 3 from its first version: its updates"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 9. Compaction.
 

@@ -543,6 +543,98 @@ struct Applied {
 /// threads (a thread costs tens of microseconds; a record's attempt tens).
 pub const PARALLEL_APPLY_MIN_PER_THREAD: usize = 16;
 
+/// `f` of every item, in order, on up to `threads` threads (the calling
+/// one included): fewer for few items (see
+/// [`PARALLEL_APPLY_MIN_PER_THREAD`]), one thread for under 32.
+fn par_map<T: Send, R: Send>(threads: usize, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let threads = threads
+        .min(items.len() / PARALLEL_APPLY_MIN_PER_THREAD)
+        .max(1);
+    if threads == 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let n = items.len();
+    // Round robin: neighbouring items (records) are alike in size.
+    let mut shares: Vec<Vec<(usize, T)>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        shares[i % threads].push((i, item));
+    }
+    let run = |share: Vec<(usize, T)>| -> Vec<(usize, R)> {
+        share.into_iter().map(|(i, item)| (i, f(item))).collect()
+    };
+    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    let mine = shares.pop().expect("at least two shares");
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| scope.spawn(|| run(share)))
+            .collect();
+        for (i, r) in run(mine) {
+            out[i] = Some(r);
+        }
+        for h in handles {
+            // A panic outside the per-item guards is a bug of ours, not a
+            // peer's input: it propagates as it would on one thread.
+            let done = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+            for (i, r) in done {
+                out[i] = Some(r);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("every item ran"))
+        .collect()
+}
+
+/// A record from its stored bytes, checked against its metadata's heads,
+/// under a panic guard. Touches nothing shared: worker threads run it.
+fn load_stored(
+    node: NodeId,
+    id: &RecordId,
+    meta: &RecordMeta,
+    snap: &[u8],
+    chunks: &[Vec<u8>],
+) -> Result<Record> {
+    let loaded = catch_unwind(AssertUnwindSafe(
+        || -> std::result::Result<Automerge, String> {
+            let mut doc = Automerge::load(snap).map_err(|e| e.to_string())?;
+            for c in chunks {
+                doc.load_incremental(c).map_err(|e| e.to_string())?;
+            }
+            Ok(doc)
+        },
+    ))
+    .map_err(|_| {
+        Error::Corrupt(format!(
+            "{id}: automerge panicked loading the stored document"
+        ))
+    })?
+    .map_err(|e| Error::Corrupt(format!("{id}: {e}")))?;
+    let mut rec = Record::from_doc(loaded);
+    rec.set_writer(node);
+    if heads_to_hex(&rec.heads()) != meta.heads {
+        return Err(Error::Corrupt(format!(
+            "{id}: stored heads do not match the document"
+        )));
+    }
+    Ok(rec)
+}
+
+/// The changes of `rec` a peer that has `have` lacks, as bytes (hashes it
+/// does not know are ignored).
+fn changes_missing(rec: &Record, have: &[ChangeHash]) -> Vec<Vec<u8>> {
+    let have: Vec<ChangeHash> = have
+        .iter()
+        .filter(|h| rec.doc().get_change_meta_by_hash(h).is_some())
+        .copied()
+        .collect();
+    rec.doc()
+        .get_changes(&have)
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect()
+}
+
 /// Parses a record's changes, applies the new ones to a copy of its
 /// document under a panic guard, checks the copy, and prepares what
 /// storing it will need. Touches nothing shared: worker threads run it.
@@ -895,44 +987,30 @@ impl Store {
     }
 
     fn load_doc(&self, id: &RecordId, meta: &RecordMeta) -> Result<Record> {
+        let (snap, chunks) = self.read_stored(id, meta)?;
+        load_stored(self.node, id, meta, &snap, &chunks)
+    }
+
+    /// A record's stored bytes: its snapshot, and the chunks appended since.
+    fn read_stored(&self, id: &RecordId, meta: &RecordMeta) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
         let snap = self
             .kv
             .get(Cf::Snapshots, id.as_str().as_bytes())?
             .ok_or_else(|| Error::Corrupt(format!("{id}: snapshot missing")))?;
         let mut chunks = Vec::new();
-        self.kv
-            .scan(Cf::Chunks, &id_prefix(id), &id_prefix(id), &mut |_, v| {
-                chunks.push(v.to_vec());
-                true
-            })?;
-        let loaded = catch_unwind(AssertUnwindSafe(
-            || -> std::result::Result<Automerge, String> {
-                let mut doc = Automerge::load(&snap).map_err(|e| e.to_string())?;
-                for c in &chunks {
-                    doc.load_incremental(c).map_err(|e| e.to_string())?;
-                }
-                Ok(doc)
-            },
-        ))
-        .map_err(|_| {
-            Error::Corrupt(format!(
-                "{id}: automerge panicked loading the stored document"
-            ))
-        })?
-        .map_err(|e| Error::Corrupt(format!("{id}: {e}")))?;
-        let mut rec = Record::from_doc(loaded);
-        rec.set_writer(self.node);
-        let heads = heads_to_hex(&rec.heads());
-        if heads != meta.heads {
-            return Err(Error::Corrupt(format!(
-                "{id}: stored heads do not match the document"
-            )));
+        // The metadata counts them; most records have none, and a scan
+        // costs an iterator. (A count that is wrong shows as heads that do
+        // not match, never as a quietly older record.)
+        if meta.chunks > 0 {
+            self.kv
+                .scan(Cf::Chunks, &id_prefix(id), &id_prefix(id), &mut |_, v| {
+                    chunks.push(v.to_vec());
+                    true
+                })?;
         }
-        Ok(rec)
+        Ok((snap, chunks))
     }
 
-    /// Takes a record into the working set (from the cache or storage).
-    /// Returns false when the store does not have it.
     fn take(&mut self, work: &mut Work, tx: &Tx, id: &RecordId) -> Result<bool> {
         if work.slots.contains_key(id) {
             return Ok(true);
@@ -1235,19 +1313,51 @@ impl Store {
     /// `have` (all of them for an empty `have`), in dependency order.
     pub fn changes_for(&mut self, id: &RecordId, have: &[ChangeHash]) -> Result<Vec<Vec<u8>>> {
         // Not cached: a peer's full sync reads every record once.
-        let changes = self.with_record(id, false, |_, rec, _| {
-            let have: Vec<ChangeHash> = have
-                .iter()
-                .filter(|h| rec.doc().get_change_meta_by_hash(h).is_some())
-                .copied()
-                .collect();
-            rec.doc()
-                .get_changes(&have)
-                .iter()
-                .map(|c| c.raw_bytes().to_vec())
-                .collect()
-        })?;
+        let changes = self.with_record(id, false, |_, rec, _| changes_missing(rec, have))?;
         Ok(changes.unwrap_or_default())
+    }
+
+    /// [`Store::changes_for`] of many records, for a page of a peer's sync:
+    /// the stored bytes are read in order, and the documents not in the
+    /// cache are loaded and taken apart on up to
+    /// [`StoreOptions::apply_threads`] threads. Nothing is cached.
+    pub fn changes_for_many(
+        &mut self,
+        wanted: &[(RecordId, Vec<ChangeHash>)],
+    ) -> Result<Vec<Vec<Vec<u8>>>> {
+        enum Source {
+            Done(Vec<Vec<u8>>),
+            Stored(RecordMeta, Vec<u8>, Vec<Vec<u8>>),
+        }
+        let tx = Tx::new(self.kv.clone());
+        let mut sources = Vec::with_capacity(wanted.len());
+        for (id, have) in wanted {
+            let source = match self.meta(&tx, id)? {
+                None => Source::Done(Vec::new()),
+                Some(meta) => match self.cache.peek(id) {
+                    Some(rec) => Source::Done(changes_missing(rec, have)),
+                    None => {
+                        let (snap, chunks) = self.read_stored(id, &meta)?;
+                        Source::Stored(meta, snap, chunks)
+                    }
+                },
+            };
+            sources.push((id, have, source));
+        }
+        let node = self.node;
+        par_map(
+            self.opts.apply_threads,
+            sources,
+            |(id, have, source)| match source {
+                Source::Done(changes) => Ok(changes),
+                Source::Stored(meta, snap, chunks) => {
+                    let rec = load_stored(node, id, &meta, &snap, &chunks)?;
+                    Ok(changes_missing(&rec, have))
+                }
+            },
+        )
+        .into_iter()
+        .collect()
     }
 
     /// This node's checkpoint in `peer`'s changes feed: the sequence up to
@@ -1911,46 +2021,7 @@ impl Store {
                 waiting: std::mem::take(&mut p.waiting_raw),
             })
             .collect();
-        let threads = self
-            .opts
-            .apply_threads
-            .min(jobs.len() / PARALLEL_APPLY_MIN_PER_THREAD)
-            .max(1);
-        if threads == 1 {
-            return jobs.into_iter().map(|j| try_changes(&ctx, j)).collect();
-        }
-        let n = jobs.len();
-        // Round robin: neighbouring records are alike in size.
-        let mut shares: Vec<Vec<(usize, Job<'_>)>> = (0..threads).map(|_| Vec::new()).collect();
-        for (i, j) in jobs.into_iter().enumerate() {
-            shares[i % threads].push((i, j));
-        }
-        let run = |share: Vec<(usize, Job<'_>)>| -> Vec<(usize, Tried)> {
-            share
-                .into_iter()
-                .map(|(i, j)| (i, try_changes(&ctx, j)))
-                .collect()
-        };
-        let mut out: Vec<Option<Tried>> = (0..n).map(|_| None).collect();
-        let mine = shares.pop().expect("at least two shares");
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = shares
-                .into_iter()
-                .map(|share| scope.spawn(|| run(share)))
-                .collect();
-            for (i, t) in run(mine) {
-                out[i] = Some(t);
-            }
-            for h in handles {
-                // A panic outside the per-record guard is a bug of ours, not
-                // a peer's input: it propagates as on one thread.
-                let done = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-                for (i, t) in done {
-                    out[i] = Some(t);
-                }
-            }
-        });
-        out.into_iter().map(|t| t.expect("every job ran")).collect()
+        par_map(self.opts.apply_threads, jobs, |j| try_changes(&ctx, j))
     }
 
     /// Takes one tried record's outcome into the working set and the batch.

@@ -142,6 +142,11 @@ use crate::error::{Error, Result};
 use crate::store::Store;
 pub use verify::VerifyReport;
 use verify::VerifyRun;
+
+/// Records whose changes an answer reads from the store at once (the store
+/// loads the documents of a group on several threads; a budget that ends
+/// an answer early wastes at most one group's reads).
+const READ_GROUP: usize = 128;
 pub use wire::{Message, PROTOCOL_VERSION, WireHeads, heads_from_wire, heads_to_wire};
 
 /// Tuning knobs.
@@ -683,34 +688,48 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 let mut answer = Vec::with_capacity(items.len());
                 let wants = self.sessions[peer].wants.clone();
                 let partial = !wants.is_empty() || !self.config.collections.is_empty();
-                for (id, have) in items {
-                    if budget == 0 {
-                        break;
-                    }
-                    if partial
-                        && let Some(c) = store.collection_of(&id)?
-                        && !serves(&self.config.collections, &wants, &c)
-                    {
-                        // Not replicated between us: nothing to send.
-                        answer.push((id, Vec::new(), true));
-                        continue;
-                    }
-                    let changes = store.changes_for(&id, &heads_from_wire(&have))?;
-                    let mut taken = Vec::new();
-                    let mut complete = true;
-                    for c in changes {
-                        if c.len() > budget && !(answer.is_empty() && taken.is_empty()) {
-                            complete = false;
-                            budget = 0;
-                            break;
+                // Read in groups (the store loads a group's documents on
+                // several threads); the budget can end the answer early.
+                'items: for group in items.chunks(READ_GROUP) {
+                    let mut served = Vec::with_capacity(group.len());
+                    let mut wanted = Vec::with_capacity(group.len());
+                    for (id, have) in group {
+                        let serve = !partial
+                            || store
+                                .collection_of(id)?
+                                .is_none_or(|c| serves(&self.config.collections, &wants, &c));
+                        served.push(serve);
+                        if serve {
+                            wanted.push((id.clone(), heads_from_wire(have)));
                         }
-                        budget = budget.saturating_sub(c.len());
-                        taken.push(c);
                     }
-                    if !complete && taken.is_empty() {
-                        break;
+                    let mut found = store.changes_for_many(&wanted)?.into_iter();
+                    for ((id, _), serve) in group.iter().zip(served) {
+                        if budget == 0 {
+                            break 'items;
+                        }
+                        if !serve {
+                            // Not replicated between us: nothing to send.
+                            answer.push((id.clone(), Vec::new(), true));
+                            continue;
+                        }
+                        let changes = found.next().expect("one answer per served item");
+                        let mut taken = Vec::new();
+                        let mut complete = true;
+                        for c in changes {
+                            if c.len() > budget && !(answer.is_empty() && taken.is_empty()) {
+                                complete = false;
+                                budget = 0;
+                                break;
+                            }
+                            budget = budget.saturating_sub(c.len());
+                            taken.push(c);
+                        }
+                        if !complete && taken.is_empty() {
+                            break 'items;
+                        }
+                        answer.push((id.clone(), taken, complete));
                     }
-                    answer.push((id, taken, complete));
                 }
                 out.push(Output::Send {
                     peer: peer.clone(),
@@ -1025,29 +1044,37 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         let mut budget = self.config.fetch_budget_bytes;
         let mut items = Vec::new();
         let mut next_since = since;
-        for entry in page {
-            if !serves(&self.config.collections, wants, &entry.collection) {
-                next_since = entry.seq;
-                continue;
-            }
-            let changes = store.changes_for(&entry.id, &[])?;
-            let size: usize = changes.iter().map(Vec::len).sum();
-            if size > budget && !items.is_empty() {
-                more = true;
-                break;
-            }
-            let count = changes.len();
-            let mut taken = Vec::with_capacity(count);
-            for c in changes {
-                if c.len() > budget && !taken.is_empty() {
-                    break;
+        'page: for group in page.chunks(READ_GROUP) {
+            let wanted: Vec<(RecordId, Vec<ChangeHash>)> = group
+                .iter()
+                .filter(|e| serves(&self.config.collections, wants, &e.collection))
+                .map(|e| (e.id.clone(), Vec::new()))
+                .collect();
+            let mut found = store.changes_for_many(&wanted)?.into_iter();
+            for entry in group {
+                if !serves(&self.config.collections, wants, &entry.collection) {
+                    next_since = entry.seq;
+                    continue;
                 }
-                budget = budget.saturating_sub(c.len());
-                taken.push(c);
+                let changes = found.next().expect("one answer per served entry");
+                let size: usize = changes.iter().map(Vec::len).sum();
+                if size > budget && !items.is_empty() {
+                    more = true;
+                    break 'page;
+                }
+                let count = changes.len();
+                let mut taken = Vec::with_capacity(count);
+                for c in changes {
+                    if c.len() > budget && !taken.is_empty() {
+                        break;
+                    }
+                    budget = budget.saturating_sub(c.len());
+                    taken.push(c);
+                }
+                let complete = taken.len() == count;
+                items.push((entry.id.clone(), taken, complete));
+                next_since = entry.seq;
             }
-            let complete = taken.len() == count;
-            items.push((entry.id, taken, complete));
-            next_since = entry.seq;
         }
         Ok(Message::BulkResponse {
             items,
