@@ -892,6 +892,14 @@ async fn collisions_are_listed_shown_side_by_side_and_resolved() {
     assert_eq!(none.json["collisions"], json!([]));
     let by_coll = call(&app, "GET", "/collisions?collection=phones", None).await;
     assert_eq!(by_coll.json["collisions"], json!([]));
+    let both = call(
+        &app,
+        "GET",
+        "/collisions?kind=duplicate&collection=contacts",
+        None,
+    )
+    .await;
+    assert_eq!(both.json["collisions"].as_array().unwrap().len(), 1);
 
     let show = call(&app, "GET", &format!("/collisions/{cid}"), None).await;
     assert_eq!(show.status, StatusCode::OK);

@@ -302,6 +302,28 @@ pub struct CollisionFilter {
     pub record: Option<RecordId>,
 }
 
+/// What a listing filters a stored collision on, read without the rest
+/// (JSON objects: fields not named here are skipped, not built).
+#[derive(Deserialize)]
+struct CollisionPeek<'a> {
+    kind: CollisionKind,
+    #[serde(borrow)]
+    collection: std::borrow::Cow<'a, str>,
+    status: StatePeek<'a>,
+}
+
+#[derive(Deserialize)]
+struct StatePeek<'a> {
+    #[serde(borrow)]
+    state: std::borrow::Cow<'a, str>,
+}
+
+impl CollisionPeek<'_> {
+    fn is_open(&self) -> bool {
+        self.status.state == "open"
+    }
+}
+
 /// Counts for status pages and metrics.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StoreStats {
@@ -1397,7 +1419,7 @@ impl Store {
             true
         })?;
         self.kv.scan(Cf::Collisions, b"", b"", &mut |_, v| {
-            if let Ok(c) = serde_json::from_slice::<Collision>(v) {
+            if let Ok(c) = serde_json::from_slice::<CollisionPeek>(v) {
                 if c.is_open() {
                     *s.open_collisions
                         .entry(c.kind.as_str().to_string())
@@ -1469,9 +1491,25 @@ impl Store {
             return Ok(out);
         }
         let mut err = None;
+        // Most stored collisions are resolved ones a listing of open ones
+        // skips: the fields filtered on are read first, without building
+        // the records, sides and resolution.
+        let wanted = |p: &CollisionPeek| {
+            (filter.include_resolved || p.is_open())
+                && filter.kind.is_none_or(|k| p.kind == k)
+                && filter
+                    .collection
+                    .as_ref()
+                    .is_none_or(|col| p.collection == col.as_str())
+        };
         self.kv.scan(Cf::Collisions, b"", b"", &mut |_, v| {
-            match serde_json::from_slice::<Collision>(v) {
-                Ok(c) if keep(&c) => out.push(c),
+            let parsed = serde_json::from_slice::<CollisionPeek>(v).and_then(|p| {
+                wanted(&p)
+                    .then(|| serde_json::from_slice::<Collision>(v))
+                    .transpose()
+            });
+            match parsed {
+                Ok(Some(c)) if keep(&c) => out.push(c),
                 Ok(_) => {}
                 Err(e) => {
                     err = Some(Error::Corrupt(format!("collision: {e}")));
