@@ -73,8 +73,9 @@ pub struct StoreOptions {
     /// from it (the simulator's many small stores use a small one).
     pub memtable_bytes: usize,
     /// Threads that try a large remote batch's changes on copies of the
-    /// records' documents (each record is its own document). Default: the
-    /// machine's cores, at most 4. The outcome does not depend on it.
+    /// records' documents, and that load a page's documents when answering
+    /// a peer (each record is its own document). Default: the machine's
+    /// cores, at most 4. Nothing stored, reported or sent depends on it.
     pub apply_threads: usize,
     /// Test-only fault injection; `None` in every real node.
     #[doc(hidden)]
@@ -494,8 +495,8 @@ struct Slot {
     /// The record's metadata was in storage when the operation took it.
     stored: bool,
     /// A record new to this store, applied from a peer: its first snapshot,
-    /// saved while the batch was tried (see [`Store::try_changes`]), valid
-    /// while the document's heads are these.
+    /// saved while the batch was tried (see [`try_changes`]), valid while
+    /// the document's heads are these.
     presaved: Option<(Vec<ChangeHash>, Vec<u8>)>,
 }
 
@@ -1033,6 +1034,8 @@ impl Store {
         Ok((snap, chunks))
     }
 
+    /// Takes a record into the working set (from the cache or storage).
+    /// Returns false when the store does not have it.
     fn take(&mut self, work: &mut Work, tx: &Tx, id: &RecordId) -> Result<bool> {
         if work.slots.contains_key(id) {
             return Ok(true);

@@ -142,12 +142,12 @@ use crate::error::{Error, Result};
 use crate::store::Store;
 pub use verify::VerifyReport;
 use verify::VerifyRun;
+pub use wire::{Message, PROTOCOL_VERSION, WireHeads, heads_from_wire, heads_to_wire};
 
 /// Records whose changes an answer reads from the store at once (the store
 /// loads the documents of a group on several threads; a budget that ends
 /// an answer early wastes at most one group's reads).
 const READ_GROUP: usize = 128;
-pub use wire::{Message, PROTOCOL_VERSION, WireHeads, heads_from_wire, heads_to_wire};
 
 /// Tuning knobs.
 #[derive(Debug, Clone)]
