@@ -232,8 +232,15 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
     } else {
         Storage::Memory
     };
-    let mut sim =
-        Sim::new(n, seed, storage, opts.net.clone()).map_err(|e| fail(format!("temp dir: {e}")))?;
+    let mut net = opts.net.clone();
+    if scenario == Scenario::LateJoiner {
+        // Pages large enough that the late joiner's bulk pages and the
+        // answers to them take the store's several-thread path (32 records
+        // or more at once), as a real node's pages of 1,000 do.
+        net.sync.pull_limit = net.sync.pull_limit.max(64);
+        net.sync.fetch_batch = net.sync.fetch_batch.max(48);
+    }
+    let mut sim = Sim::new(n, seed, storage, net).map_err(|e| fail(format!("temp dir: {e}")))?;
     sim.log(format_args!("scenario {scenario} seed {seed} nodes {n}"));
     if scenario == Scenario::MultiHopLine {
         for i in 0..n - 1 {
