@@ -1475,18 +1475,18 @@ impl Store {
     /// Collisions matching a filter, ordered by id.
     pub fn collisions(&self, filter: &CollisionFilter) -> Result<Vec<Collision>> {
         let mut out = Vec::new();
-        let keep = |c: &Collision| {
-            (filter.include_resolved || c.is_open())
-                && filter.kind.is_none_or(|k| c.kind == k)
+        let keep = |open: bool, kind: CollisionKind, collection: &str| {
+            (filter.include_resolved || open)
+                && filter.kind.is_none_or(|k| kind == k)
                 && filter
                     .collection
                     .as_ref()
-                    .is_none_or(|col| &c.collection == col)
+                    .is_none_or(|col| collection == col)
         };
         if let Some(r) = &filter.record {
             for cid in self.collision_ids_for(r)? {
                 if let Some(c) = self.collision(&cid)?
-                    && keep(&c)
+                    && keep(c.is_open(), c.kind, &c.collection)
                 {
                     out.push(c);
                 }
@@ -1497,23 +1497,15 @@ impl Store {
         // Most stored collisions are resolved ones a listing of open ones
         // skips: the fields filtered on are read first, without building
         // the records, sides and resolution.
-        let wanted = |p: &CollisionPeek| {
-            (filter.include_resolved || p.is_open())
-                && filter.kind.is_none_or(|k| p.kind == k)
-                && filter
-                    .collection
-                    .as_ref()
-                    .is_none_or(|col| p.collection == col.as_str())
-        };
         self.kv.scan(Cf::Collisions, b"", b"", &mut |_, v| {
             let parsed = serde_json::from_slice::<CollisionPeek>(v).and_then(|p| {
-                wanted(&p)
+                keep(p.is_open(), p.kind, &p.collection)
                     .then(|| serde_json::from_slice::<Collision>(v))
                     .transpose()
             });
             match parsed {
-                Ok(Some(c)) if keep(&c) => out.push(c),
-                Ok(_) => {}
+                Ok(Some(c)) => out.push(c),
+                Ok(None) => {}
                 Err(e) => {
                     err = Some(Error::Corrupt(format!("collision: {e}")));
                     return false;
