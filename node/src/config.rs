@@ -196,12 +196,8 @@ impl Config {
                 "limits must be positive (streams at least 4, gossip at least 1024 bytes)".into(),
             ));
         }
-        if self.cluster_key_file.is_some()
-            && let Some(a) = self.listen.iter().chain(&self.peers).find(|a| is_quic(a))
-        {
-            return Err(Error::Config(format!(
-                "{a}: QUIC cannot carry the cluster key (libp2p's private network runs over TCP only); use TCP addresses or no cluster_key_file"
-            )));
+        for a in self.listen.iter().chain(&self.peers) {
+            check_transport(self.cluster_key_file.is_some(), a)?;
         }
         let s = &self.sync;
         if s.pull_interval_ms == 0 || s.redial_min_ms == 0 || s.redial_max_ms < s.redial_min_ms {
@@ -377,6 +373,18 @@ pub fn is_quic(addr: &Multiaddr) -> bool {
             libp2p::multiaddr::Protocol::QuicV1 | libp2p::multiaddr::Protocol::Quic
         )
     })
+}
+
+/// Refuses a QUIC address on a node with a cluster key (`keyed`): the
+/// private network wraps TCP only, so a QUIC connection would bypass it.
+/// For the config's addresses and for peers added at run time alike.
+pub fn check_transport(keyed: bool, addr: &Multiaddr) -> Result<()> {
+    if keyed && is_quic(addr) {
+        return Err(Error::Config(format!(
+            "{addr}: QUIC cannot carry the cluster key (libp2p's private network runs over TCP only); use TCP addresses or no cluster_key_file"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads a cluster key file (refusing one others may read).

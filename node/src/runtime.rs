@@ -466,15 +466,8 @@ impl NodeHandle {
         {
             return Err(Error::Config(format!("{a} names another peer than {peer}")));
         }
-        // As `Config::validate` refuses for the configured peers: a QUIC
-        // connection would bypass the cluster key.
-        if let Some(a) = &addr
-            && self.keyed
-            && crate::config::is_quic(a)
-        {
-            return Err(Error::Config(format!(
-                "{a}: QUIC cannot carry the cluster key (libp2p's private network runs over TCP only); use a TCP address"
-            )));
+        if let Some(a) = &addr {
+            crate::config::check_transport(self.keyed, a)?;
         }
         self.ask(|reply| Command::AddPeer { peer, addr, reply })
             .await
