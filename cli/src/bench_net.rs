@@ -143,8 +143,12 @@ pub fn run(records: usize, batch: usize) -> Result<()> {
         status.bytes_sent
     );
     println!(
-        "| B's bulk pages / records received whole / pulls / fetches | {} / {} / {} / {} |",
-        status.bulk_pulls, status.records_bulk, status.pulls, status.fetches
+        "| B's bulk pages (applied while A read the next) / records received whole / pulls / fetches | {} ({}) / {} / {} / {} |",
+        status.bulk_pulls,
+        status.bulk_pages_overlapped,
+        status.records_bulk,
+        status.pulls,
+        status.fetches
     );
     println!("| peak RSS, A (serving) | {} MiB |", a_rss / 1024);
     println!("| peak RSS, B (catching up) | {} MiB |", b_rss / 1024);

@@ -116,6 +116,7 @@ fn delta(a: SyncStats, b: SyncStats) -> SyncStats {
         records_ignored: b.records_ignored - a.records_ignored,
         bulk_pulls: b.bulk_pulls - a.bulk_pulls,
         records_bulk: b.records_bulk - a.records_bulk,
+        bulk_overlapped: b.bulk_overlapped - a.bulk_overlapped,
     }
 }
 

@@ -7,7 +7,9 @@
 //!   [`SyncEngine`]. It turns swarm events into engine inputs (a first
 //!   connection to a peer is `peer_connected`, the last one closing is
 //!   `peer_disconnected`, an ordered replication frame is `handle_message`,
-//!   a validated push is `handle_message` too, a timer is `tick`), and hands
+//!   a validated push is `handle_message` too, a timer is `tick`, and a
+//!   parked bulk page is `run_pending` once the swarm has taken the
+//!   request for the next one), and hands
 //!   the engine's outputs to [`EventLoop::apply`], the one thin function that
 //!   carries them out (send a frame, publish a gossip, close a peer) and
 //!   decides nothing;
@@ -120,6 +122,8 @@ pub struct NodeStatus {
     pub bulk_pulls: u64,
     /// Records received whole in bulk full-sync pages.
     pub records_bulk: u64,
+    /// Bulk pages applied while the peer was already reading the next.
+    pub bulk_pages_overlapped: u64,
     /// Changes applied from peers.
     pub changes_applied: u64,
     /// Records refused from peers.
@@ -565,6 +569,7 @@ impl EventLoop {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let pending = self.engine.has_pending_work();
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command {
@@ -572,6 +577,12 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                 },
                 _ = tick.tick() => self.on_tick(),
+                // A bulk page waits while its successor is asked for. The
+                // yield lets the swarm be polled first, so that request is
+                // on its way to the peer while this node applies the page.
+                _ = tokio::task::yield_now(), if pending => {
+                    self.with_engine(|engine, store| engine.run_pending(store));
+                }
             }
         }
         tracing::info!("node stopping");
@@ -854,6 +865,7 @@ impl EventLoop {
             fetches: stats.fetches,
             bulk_pulls: stats.bulk_pulls,
             records_bulk: stats.records_bulk,
+            bulk_pages_overlapped: stats.bulk_overlapped,
             changes_applied: stats.changes_applied,
             records_rejected: stats.records_rejected,
             records_ignored: stats.records_ignored,

@@ -82,6 +82,10 @@ pub struct NetOptions {
     pub redial_ms: u64,
     /// How often each node ticks (ms).
     pub tick_ms: u64,
+    /// Longest delay before a node applies a bulk page it parked while the
+    /// next one is asked for (ms): a delay longer than a round trip lets the
+    /// next page arrive first, which then applies the parked one.
+    pub work_ms_max: u64,
     /// Keep the trace lines (not only their digest).
     pub keep_trace: bool,
     /// The engines' knobs.
@@ -101,6 +105,7 @@ impl Default for NetOptions {
             break_after_ms: 800,
             redial_ms: 300,
             tick_ms: 100,
+            work_ms_max: 30,
             keep_trace: false,
             sync: SyncConfig {
                 pull_interval_ms: 2_000,
@@ -159,6 +164,8 @@ enum Event {
     Break(usize, usize, u64),
     Dial(usize, usize),
     Restart(usize),
+    /// The node's engine applies the bulk pages it parked (incarnation).
+    Work(usize, u64),
 }
 
 #[derive(Debug, Default)]
@@ -654,6 +661,27 @@ impl Sim {
                 }
             }
             Event::Restart(i) => self.start(i),
+            Event::Work(i, inc) => {
+                if self.nodes[i].incarnation != inc || !self.is_up(i) {
+                    return;
+                }
+                let pending = self.nodes[i]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| e.has_pending_work());
+                if !pending {
+                    return;
+                }
+                self.set_clock(i);
+                self.log(format_args!("work {i}"));
+                let node = &mut self.nodes[i];
+                let (Some(engine), Some(store)) = (node.engine.as_mut(), node.store.as_mut())
+                else {
+                    return;
+                };
+                let outs = engine.run_pending(store);
+                self.apply(i, outs);
+            }
         }
     }
 
@@ -664,7 +692,15 @@ impl Sim {
             return;
         };
         let outs = engine.handle_message(&from, frame, store);
+        let pending = engine.has_pending_work();
+        let inc = node.incarnation;
         self.apply(to, outs);
+        if pending {
+            // The driver runs the parked work after sending the outputs; how
+            // long that takes is drawn from the seed.
+            let after = self.rng.below(self.opts.work_ms_max as usize + 1) as u64;
+            self.schedule(self.now + after, Event::Work(to, inc));
+        }
     }
 
     fn dial_later(&mut self, a: usize, b: usize, after: u64) {

@@ -9,7 +9,7 @@ use entente_model::{CollisionKind, RecordId, ResolveRequest};
 use entente_node::config::new_cluster_key;
 use entente_node::libp2p::{Multiaddr, PeerId};
 use entente_node::runtime::{self, NodeHandle, RunningNode};
-use entente_node::{CollisionFilter, Config, DataDir};
+use entente_node::{CollisionFilter, Config, DataDir, NewRecord};
 use serde_json::{Map, Value, json};
 use tempfile::TempDir;
 
@@ -198,6 +198,41 @@ async fn writes_reach_every_site_and_hop_through_the_middle() {
     .await;
     assert!(!connected(&a, &c).await && !connected(&c, &a).await);
     stop_all(vec![a, b, c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_node_fills_in_bulk_pages_applied_while_the_next_is_read() {
+    let (a, b) = (spawn_node().await, spawn_node().await);
+    // Four pages of 1,000 (the default `pull_limit`), written in batches
+    // too large to be gossiped: B takes them all by its bulk full sync.
+    const RECORDS: usize = 3_500;
+    for start in (0..RECORDS).step_by(500) {
+        let items = (start..start + 500)
+            .map(|i| NewRecord {
+                collection: "contacts".into(),
+                id: None,
+                fields: fields(
+                    json!({"first_name": format!("P{i}"), "email": format!("p{i}@example.org")}),
+                ),
+                force: false,
+            })
+            .collect();
+        a.h.create_many(items).await.unwrap();
+    }
+    link(&b, &a).await;
+    wait_until("B holds A's records", || async {
+        b.h.status().await.unwrap().feed_seq == RECORDS as u64
+    })
+    .await;
+    let st = b.h.status().await.unwrap();
+    assert_eq!(st.records_bulk, RECORDS as u64, "{st:?}");
+    assert_eq!(st.bulk_pulls, 4, "{st:?}");
+    // The first three pages had more behind them: the node asked for the
+    // next one before applying each, and its loop applied it (in a test
+    // machine's worst moment a page may wait for its successor instead).
+    assert!((1..=3).contains(&st.bulk_pages_overlapped), "{st:?}");
+    assert_eq!(st.records_rejected, 0, "{st:?}");
+    stop_all(vec![a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

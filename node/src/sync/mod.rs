@@ -10,7 +10,9 @@
 //! - [`SyncEngine::handle_message`]: a frame from `P` (decoded and validated
 //!   here; bad bytes close the session, never panic);
 //! - [`SyncEngine::local_change`]: a local write was committed;
-//! - [`SyncEngine::tick`]: the current time, at least every few hundred ms.
+//! - [`SyncEngine::tick`]: the current time, at least every few hundred ms;
+//! - [`SyncEngine::run_pending`]: after sending the outputs, when
+//!   [`SyncEngine::has_pending_work`] says a bulk page waits.
 //!
 //! ## The protocol
 //!
@@ -40,7 +42,13 @@
 //!    at a time is a bulk sync (a second would carry the same records), and
 //!    records received in bulk are not gossiped (they enter the local feed,
 //!    which the other peers pull). [`SyncConfig::bulk_full_sync`] turns it
-//!    off.
+//!    off. A page that came whole with more to follow is *parked*: the call
+//!    that received it asks for the next page at once and returns, and the
+//!    driver applies it with [`SyncEngine::run_pending`] while the peer
+//!    reads the next one (a page still parked when the next arrives is
+//!    applied first then). So one request is in flight and at most one page
+//!    waits per session; a parked page whose session breaks is dropped
+//!    unapplied, and its checkpoint never moved.
 //! 6. **Push.** A local write, and every record a fetch changed, is gossiped
 //!    as (id, heads) ([`Output::Broadcast`]); a receiver whose heads differ
 //!    queues a fetch. Lost gossip is repaired by the next pull.
@@ -125,8 +133,10 @@
 //!
 //! ## Order of effects
 //!
-//! Everything the engine persists is written before it returns; a driver then
-//! sends the outputs in order (FIFO per peer).
+//! Everything the engine persists is written before it returns, except a
+//! parked bulk page, which waits for [`SyncEngine::run_pending`]; a driver
+//! sends the outputs in order (FIFO per peer), then runs the pending work
+//! ([`SyncEngine::has_pending_work`]).
 
 pub mod verify;
 pub mod wire;
@@ -291,6 +301,9 @@ pub struct SyncStats {
     pub bulk_pulls: u64,
     /// Records received whole in bulk responses.
     pub records_bulk: u64,
+    /// Bulk pages applied by [`SyncEngine::run_pending`], while the next
+    /// page was on its way (the others were applied on arrival).
+    pub bulk_overlapped: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,6 +328,9 @@ struct Session {
     /// This session is a bulk full sync: its pages are pulled as whole
     /// records until the end of the peer's feed.
     bulk: bool,
+    /// A bulk page that came whole, waiting to be applied while the next
+    /// one is on its way ([`SyncEngine::run_pending`]).
+    parked: Option<Parked>,
     /// The persisted checkpoint in the peer's feed.
     checkpoint: u64,
     /// When an idle session pulls again (ms).
@@ -324,6 +340,15 @@ struct Session {
     /// When this session last reached the end of the peer's feed with
     /// everything applied (ms, engine time).
     last_synced_ms: Option<u64>,
+}
+
+/// A bulk page received whole whose successor was already asked for: it is
+/// applied, with its checkpoint, by [`SyncEngine::run_pending`] or, at the
+/// latest, when the next page arrives.
+#[derive(Debug)]
+struct Parked {
+    batch: Vec<(RecordId, Vec<Vec<u8>>)>,
+    next_since: u64,
 }
 
 /// A session as the driver may report it (peer lists, metrics).
@@ -436,6 +461,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                 queue: BTreeSet::new(),
                 page_end: None,
                 bulk: false,
+                parked: None,
                 checkpoint: 0,
                 next_pull_at: 0,
                 peer_checkpoint: None,
@@ -511,20 +537,68 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         self.frame_len = frame.len();
         let result = Message::decode(frame).and_then(|msg| self.handle(peer, msg, store, &mut out));
         if let Err(e) = result {
-            match &e {
-                Error::Protocol(_) | Error::SchemaMismatch { .. } => {
-                    tracing::warn!(error = %e, "closing sync session")
-                }
-                _ => tracing::error!(error = %e, "closing sync session on a local error"),
-            }
-            self.sessions.remove(peer);
-            self.abort_verify(peer, &format!("session closed: {e}"));
-            out.push(Output::Disconnect {
-                peer: peer.clone(),
-                reason: e.to_string(),
-            });
+            self.close(peer, e, &mut out);
         }
         out
+    }
+
+    /// Whether a bulk page waits to be applied ([`SyncEngine::run_pending`]).
+    pub fn has_pending_work(&self) -> bool {
+        self.sessions.values().any(|s| s.parked.is_some())
+    }
+
+    /// Applies the bulk pages that wait (each with its checkpoint, in one
+    /// store batch). A page of a bulk full sync that came whole is not
+    /// applied by the [`SyncEngine::handle_message`] that received it: that
+    /// call asks for the next page at once and returns, so the peer reads
+    /// the next page while this node applies this one. A driver calls this
+    /// once it has sent those outputs; a page still waiting when the next
+    /// one arrives is applied first then, and one whose session closes is
+    /// dropped unapplied (the checkpoint did not move past it).
+    pub fn run_pending(&mut self, store: &mut Store) -> Vec<Output<P>> {
+        let mut out = Vec::new();
+        let peers: Vec<P> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.parked.is_some())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for peer in peers {
+            let _span = tracing::debug_span!("sync_session", peer = ?peer).entered();
+            match self.land_parked(&peer, store) {
+                Ok(()) => self.stats.bulk_overlapped += 1,
+                Err(e) => self.close(&peer, e, &mut out),
+            }
+        }
+        out
+    }
+
+    /// Ends `peer`'s session on `e` (a protocol violation or a local storage
+    /// failure), and tells the driver to close the connection.
+    fn close(&mut self, peer: &P, e: Error, out: &mut Vec<Output<P>>) {
+        match &e {
+            Error::Protocol(_) | Error::SchemaMismatch { .. } => {
+                tracing::warn!(error = %e, "closing sync session")
+            }
+            _ => tracing::error!(error = %e, "closing sync session on a local error"),
+        }
+        self.sessions.remove(peer);
+        self.abort_verify(peer, &format!("session closed: {e}"));
+        out.push(Output::Disconnect {
+            peer: peer.clone(),
+            reason: e.to_string(),
+        });
+    }
+
+    /// Applies `peer`'s parked bulk page, if any, with its checkpoint.
+    fn land_parked(&mut self, peer: &P, store: &mut Store) -> Result<()> {
+        let Some(parked) = self.session(peer).parked.take() else {
+            return Ok(());
+        };
+        // The page came whole, so no record of it is fetched again: what the
+        // store refused is reported by `apply_batch` and left there.
+        self.apply_batch(peer, parked.batch, Some(parked.next_since), store)?;
+        Ok(())
     }
 
     fn handle(
@@ -1097,10 +1171,12 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         store: &mut Store,
         out: &mut Vec<Output<P>>,
     ) -> Result<()> {
-        let s = &self.sessions[peer];
-        if s.in_flight != InFlight::Bulk {
+        if self.sessions[peer].in_flight != InFlight::Bulk {
             return Err(Error::Protocol("bulk response without a request".into()));
         }
+        // The page before this one, if it still waits, lands first.
+        self.land_parked(peer, store)?;
+        let s = &self.sessions[peer];
         if next_since < s.checkpoint || (more && next_since == s.checkpoint) {
             return Err(Error::Protocol(
                 "bulk response does not move the checkpoint on".into(),
@@ -1121,6 +1197,15 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             }
         }
         self.stats.records_bulk += seen.len() as u64;
+        if more && again.is_empty() && !batch.is_empty() {
+            // A whole page with more to come: ask for the next one now, and
+            // apply this one (with its checkpoint) once that request is out.
+            let s = self.session(peer);
+            s.in_flight = InFlight::None;
+            s.parked = Some(Parked { batch, next_since });
+            self.send_pull(peer, out);
+            return Ok(());
+        }
         // A page that came whole lands with its checkpoint in one batch.
         let checkpoint = (again.is_empty() && next_since != self.sessions[peer].checkpoint)
             .then_some(next_since);
@@ -1196,7 +1281,8 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         let limit = self.config.pull_limit;
         let s = self.session(peer);
         debug_assert_eq!(s.in_flight, InFlight::None);
-        let since = s.checkpoint;
+        // A parked page is as good as applied: the next page follows it.
+        let since = s.parked.as_ref().map_or(s.checkpoint, |p| p.next_since);
         let msg = if s.bulk {
             s.in_flight = InFlight::Bulk;
             self.stats.bulk_pulls += 1;
@@ -1648,6 +1734,119 @@ mod tests {
                     .all(|b| b.contains(&Cf::Records) && b.contains(&Cf::Feed)),
                 "{with_checkpoint:?}"
             );
+        }
+    }
+
+    /// Bulk pages of 3 records, whatever their size.
+    fn pages_of_3() -> SyncConfig {
+        SyncConfig {
+            fetch_budget_bytes: 64 << 10,
+            ..bulk()
+        }
+    }
+
+    /// Delivers frames until node 1 has handled a bulk page; returns the
+    /// page's end.
+    fn until_bulk_page(p: &mut Pair) -> u64 {
+        while let Some((to, frame)) = p.wire.pop_front() {
+            let page = match Message::decode(&frame).unwrap() {
+                Message::BulkResponse { next_since, .. } if to == 1 => Some(next_since),
+                _ => None,
+            };
+            let o = p.engines[to].handle_message(&(1 - to), &frame, &mut p.stores[to]);
+            p.apply(to, o);
+            if let Some(next_since) = page {
+                return next_since;
+            }
+        }
+        panic!("no bulk page reached node 1");
+    }
+
+    #[test]
+    fn a_whole_bulk_page_asks_for_the_next_before_it_is_applied() {
+        let mut p = Pair::new(pages_of_3());
+        for i in 0..7 {
+            create(&mut p.stores[0], &format!("a{i}@x.org"));
+        }
+        let node0 = NodeId([1; 16]);
+        p.connect();
+        // Page 1 (3 of 7 records) arrives: the next page is asked for from
+        // its end at once, and nothing of it is stored yet.
+        let end1 = until_bulk_page(&mut p);
+        assert!(end1 > 0);
+        assert!(p.engines[1].has_pending_work());
+        assert!(!p.engines[1].is_idle());
+        assert_eq!(p.stores[1].feed_seq(), 0);
+        assert_eq!(load_checkpoint(&p.stores[1], &node0).unwrap(), 0);
+        let asks: Vec<Message> = p
+            .wire
+            .iter()
+            .filter(|(to, _)| *to == 0)
+            .map(|(_, f)| Message::decode(f).unwrap())
+            .filter(|m| m.kind().ends_with("-req"))
+            .collect();
+        assert!(
+            matches!(&asks[..], [Message::BulkRequest { since, .. }] if *since == end1),
+            "one request in flight, from the parked page's end: {asks:?}"
+        );
+        // The driver runs the parked work: the page lands with its
+        // checkpoint.
+        let o = p.engines[1].run_pending(&mut p.stores[1]);
+        assert!(o.is_empty(), "{o:?}");
+        assert!(!p.engines[1].has_pending_work());
+        assert_eq!(p.engines[1].stats().bulk_overlapped, 1);
+        assert_eq!(p.feed(1).len(), 3);
+        assert_eq!(load_checkpoint(&p.stores[1], &node0).unwrap(), end1);
+        // Page 2 is parked and never run by the driver: page 3, the last,
+        // applies it first, then itself.
+        let end2 = until_bulk_page(&mut p);
+        assert!(end2 > end1);
+        assert!(p.engines[1].has_pending_work());
+        assert_eq!(p.feed(1).len(), 3);
+        p.run();
+        assert!(p.closed.is_empty(), "{:?}", p.closed);
+        assert!(!p.engines[1].has_pending_work());
+        assert_eq!(p.feed(0), p.feed(1));
+        assert_eq!(
+            load_checkpoint(&p.stores[1], &node0).unwrap(),
+            p.stores[0].feed_seq()
+        );
+        assert!(p.engines.iter().all(|e| e.is_idle()));
+        assert_eq!(p.engines[1].stats().records_bulk, 7);
+        assert_eq!(p.engines[1].stats().bulk_overlapped, 1);
+    }
+
+    #[test]
+    fn a_parked_bulk_page_of_a_broken_session_is_pulled_again() {
+        // Broken while page 1 waits (the store still empty: bulk again), and
+        // while page 2 waits (page 1 landed: ordinary pulls from its end).
+        for landed in [0, 1] {
+            let mut p = Pair::new(pages_of_3());
+            for i in 0..7 {
+                create(&mut p.stores[0], &format!("a{i}@x.org"));
+            }
+            p.connect();
+            let mut end = until_bulk_page(&mut p);
+            if landed == 1 {
+                p.engines[1].run_pending(&mut p.stores[1]);
+                end = until_bulk_page(&mut p);
+            }
+            assert!(p.engines[1].has_pending_work());
+            for i in 0..2 {
+                p.engines[i].peer_disconnected(&(1 - i));
+            }
+            p.wire.clear();
+            assert!(!p.engines[1].has_pending_work());
+            let o = p.engines[1].run_pending(&mut p.stores[1]);
+            assert!(o.is_empty(), "{o:?}");
+            let checkpoint = load_checkpoint(&p.stores[1], &NodeId([1; 16])).unwrap();
+            assert!(checkpoint < end, "the dropped page is not covered");
+            assert_eq!(p.feed(1).len(), 3 * landed);
+            p.connect();
+            p.run();
+            assert!(p.closed.is_empty(), "{:?}", p.closed);
+            assert_eq!(p.feed(0), p.feed(1));
+            assert!(p.engines.iter().all(|e| e.is_idle()));
         }
     }
 
