@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use clap::Args;
-use entente_node::sync::PlantedBug;
+use entente_sim::scenario::PLANTED_BUGS;
 use entente_sim::{Outcome, RunOptions, Scenario, Violation, run};
 
 /// Arguments of `entente sim`.
@@ -45,7 +45,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 1)]
     jobs: usize,
     /// Test-only: plant a protocol bug in every engine
-    /// (no-pull-after-reconnect) to see the checker catch it.
+    /// (no-pull-after-reconnect, checkpoint-when-parked) to see the checker
+    /// catch it.
     #[arg(long, hide = true)]
     planted_bug: Option<String>,
 }
@@ -70,12 +71,14 @@ pub fn run_cmd(args: SimArgs) -> Result<bool> {
     if args.ops < 5 {
         bail!("--ops must be at least 5");
     }
-    match args.planted_bug.as_deref() {
-        None => {}
-        Some("no-pull-after-reconnect") => {
-            opts = opts.with_planted_bug(PlantedBug::NoPullAfterReconnect)
-        }
-        Some(other) => bail!("unknown planted bug `{other}`"),
+    if let Some(name) = args.planted_bug.as_deref() {
+        let Some((_, bug)) = PLANTED_BUGS.iter().find(|(n, _)| *n == name) else {
+            bail!(
+                "unknown planted bug `{name}` (one of: {})",
+                PLANTED_BUGS.map(|(n, _)| n).join(", ")
+            );
+        };
+        opts = opts.with_planted_bug(*bug);
     }
     if let Some(seed) = args.seed {
         opts.net.keep_trace = args.trace;

@@ -217,6 +217,11 @@ pub struct Sim {
     trace: Vec<String>,
     line: String,
     traffic: Traffic,
+    /// Crashes that dropped a parked bulk page.
+    parked_dropped: u64,
+    /// A node to crash the moment it parks a bulk page, and when it
+    /// restarts (ms after the crash).
+    crash_on_park: Option<(usize, u64)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -269,6 +274,8 @@ impl Sim {
             trace: Vec::new(),
             line: String::new(),
             traffic: Traffic::default(),
+            parked_dropped: 0,
+            crash_on_park: None,
             _dir: dir,
         })
     }
@@ -468,13 +475,28 @@ impl Sim {
         }
     }
 
+    /// Crashes that dropped a bulk page parked unapplied (its node had
+    /// asked for the next page and not yet applied this one).
+    pub fn parked_dropped(&self) -> u64 {
+        self.parked_dropped
+    }
+
     /// Crashes node `i`: its engine and the frames in flight to and from it
     /// are lost, its connections break at once; its store stays on "disk".
     pub fn crash(&mut self, i: usize) {
         if !self.is_up(i) {
             return;
         }
-        self.log(format_args!("crash {i}"));
+        let parked = self.nodes[i]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.has_pending_work());
+        if parked {
+            self.parked_dropped += 1;
+            self.log(format_args!("crash {i} with a parked bulk page"));
+        } else {
+            self.log(format_args!("crash {i}"));
+        }
         let pairs: Vec<(usize, usize)> = self
             .links
             .iter()
@@ -487,6 +509,12 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.engine = None;
         node.store = None;
+    }
+
+    /// Crashes node `i` the next time it parks a bulk page (having asked
+    /// for the next one), and restarts it `after_ms` later.
+    pub fn crash_when_parked(&mut self, i: usize, after_ms: u64) {
+        self.crash_on_park = Some((i, after_ms));
     }
 
     /// Crashes node `i` now and restarts it after `after_ms`.
@@ -695,6 +723,11 @@ impl Sim {
         let pending = engine.has_pending_work();
         let inc = node.incarnation;
         self.apply(to, outs);
+        if pending && let Some((i, after)) = self.crash_on_park.filter(|&(i, _)| i == to) {
+            self.crash_on_park = None;
+            self.crash_restart(i, after);
+            return;
+        }
         if pending {
             // The driver runs the parked work after sending the outputs; how
             // long that takes is drawn from the seed.

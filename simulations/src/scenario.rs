@@ -186,6 +186,8 @@ pub struct Outcome {
     pub records_bulk: u64,
     /// Bulk pages those nodes applied while the next page was on its way.
     pub bulk_overlapped: u64,
+    /// Crashes that dropped a bulk page parked unapplied.
+    pub parked_dropped: u64,
     /// `verify-repair`: records the verify runs reported differing, and
     /// repaired, summed over the runs.
     pub verify_differing: u64,
@@ -206,10 +208,26 @@ pub fn replay_command(scenario: Scenario, seed: u64, opts: &RunOptions) -> Strin
     if let Some(n) = opts.nodes {
         s.push_str(&format!(" --nodes {n}"));
     }
-    if opts.net.sync.planted_bug == Some(PlantedBug::NoPullAfterReconnect) {
-        s.push_str(" --planted-bug no-pull-after-reconnect");
+    if let Some(bug) = opts.net.sync.planted_bug {
+        s.push_str(" --planted-bug ");
+        s.push_str(planted_bug_name(bug));
     }
     s
+}
+
+/// The planted bugs by their `--planted-bug` names.
+pub const PLANTED_BUGS: [(&str, PlantedBug); 2] = [
+    ("no-pull-after-reconnect", PlantedBug::NoPullAfterReconnect),
+    ("checkpoint-when-parked", PlantedBug::CheckpointWhenParked),
+];
+
+/// `bug`'s `--planted-bug` name.
+pub fn planted_bug_name(bug: PlantedBug) -> &'static str {
+    PLANTED_BUGS
+        .iter()
+        .find(|(_, b)| *b == bug)
+        .map(|(name, _)| *name)
+        .expect("every planted bug is named")
 }
 
 /// Runs `scenario` for `seed`: warm-up, faults with the workload, heal,
@@ -250,6 +268,15 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
         for i in 0..n - 1 {
             sim.add_link(i, i + 1);
         }
+    } else if scenario == Scenario::LateJoiner && rng.below(2) == 0 {
+        // The others in a full mesh, the late joiner linked to one of them
+        // only: nothing makes up for a page it loses.
+        for a in 0..n - 1 {
+            for b in a + 1..n - 1 {
+                sim.add_link(a, b);
+            }
+        }
+        sim.add_link(rng.below(n - 1), n - 1);
     } else if scenario == Scenario::Random && rng.below(2) == 0 {
         // A random connected graph: a random tree plus a few extra edges.
         for i in 1..n {
@@ -305,11 +332,19 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
     // its first sync is done, so its store is still empty at the handshake
     // and it takes the bulk full sync; in the others it writes at once.
     let mut quiet = late.filter(|_| scenario == Scenario::LateJoiner && rng.below(2) == 0);
+    // In a third of them it crashes in the middle of its full sync, the
+    // moment it has parked a page unapplied, and restarts with what it had
+    // stored.
+    let crash_parked = scenario == Scenario::LateJoiner && rng.below(3) == 0;
     for step in 0..fault_ops {
         if let Some(l) = late
             && step == join_at
         {
             sim.start(l);
+            if crash_parked {
+                let after = 100 + rng.below(400) as u64;
+                sim.crash_when_parked(l, after);
+            }
         }
         if let Some(l) = quiet
             && sim
@@ -446,6 +481,7 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
             .filter_map(|i| sim.engine(i))
             .map(|e| e.stats().bulk_overlapped)
             .sum(),
+        parked_dropped: sim.parked_dropped(),
         verify_differing,
         verify_repaired,
         held,

@@ -200,6 +200,9 @@ pub enum PlantedBug {
     /// never pulls: no pull after the handshake, no anti-entropy. Only
     /// gossip of new writes gets through.
     NoPullAfterReconnect,
+    /// A parked bulk page's checkpoint is saved when the page is parked,
+    /// before its records are stored: a crash in between skips them.
+    CheckpointWhenParked,
 }
 
 impl Default for SyncConfig {
@@ -1200,6 +1203,13 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         if more && again.is_empty() && !batch.is_empty() {
             // A whole page with more to come: ask for the next one now, and
             // apply this one (with its checkpoint) once that request is out.
+            if self.config.planted_bug == Some(PlantedBug::CheckpointWhenParked) {
+                let remote = self.sessions[peer]
+                    .remote
+                    .expect("bulk after the handshake");
+                save_checkpoint(store, &remote, next_since)?;
+                self.session(peer).checkpoint = next_since;
+            }
             let s = self.session(peer);
             s.in_flight = InFlight::None;
             s.parked = Some(Parked { batch, next_since });
