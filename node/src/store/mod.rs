@@ -498,7 +498,13 @@ struct Slot {
     /// saved while the batch was tried (see [`try_changes`]), valid while
     /// the document's heads are these.
     presaved: Option<(Vec<ChangeHash>, Vec<u8>)>,
+    /// A record applied from a peer: its resolution entries, read while the
+    /// batch was tried, valid while the document's heads are these.
+    preread: Option<(Vec<ChangeHash>, Resolutions)>,
 }
+
+/// A record's resolution entries by collision id ([`Record::resolutions`]).
+type Resolutions = BTreeMap<String, Vec<String>>;
 
 #[derive(Default)]
 struct Work {
@@ -560,6 +566,8 @@ struct Applied {
     snapshot: Option<(Vec<ChangeHash>, Vec<u8>)>,
     /// Its unique values, as `Store::index` computes them.
     unique: Option<Vec<(String, String)>>,
+    /// Its resolution entries, with its heads.
+    resolutions: Option<(Vec<ChangeHash>, Resolutions)>,
 }
 
 /// Records per thread below which a batch's changes are tried on fewer
@@ -746,10 +754,12 @@ fn try_changes(ctx: &TryCtx<'_>, job: Job<'_>) -> Tried {
         return Tried::Rejected(format!("changes belong to record {doc_id}"));
     }
     // What storing the record will need, computed here while other threads
-    // do the same for other records: its unique values, and for a record
-    // new to this store (kept here, with its identity) its first snapshot.
+    // do the same for other records: its unique values, its resolution
+    // entries, and for a record new to this store (kept here, with its
+    // identity) its first snapshot.
     let mut snapshot = None;
     let mut unique = None;
+    let mut resolutions = None;
     if let Some(collection) = rec.collection()
         && rec.id().is_some()
         && ctx.schema.collection(&collection).is_ok()
@@ -762,9 +772,11 @@ fn try_changes(ctx: &TryCtx<'_>, job: Job<'_>) -> Tried {
             }
         }
         unique = Some(values);
+        let heads = rec.heads();
         if !known {
-            snapshot = Some((rec.heads(), rec.doc().save()));
+            snapshot = Some((heads.clone(), rec.doc().save()));
         }
+        resolutions = Some((heads, rec.resolutions()));
     }
     Tried::Applied(Box::new(Applied {
         rec,
@@ -772,6 +784,7 @@ fn try_changes(ctx: &TryCtx<'_>, job: Job<'_>) -> Tried {
         duplicate,
         snapshot,
         unique,
+        resolutions,
     }))
 }
 
@@ -1060,6 +1073,7 @@ impl Store {
                 fresh: false,
                 stored: true,
                 presaved: None,
+                preread: None,
             },
         );
         Ok(true)
@@ -1566,6 +1580,7 @@ impl Store {
                         fresh: !item.force,
                         stored: false,
                         presaved: None,
+                        preread: None,
                     },
                 );
                 // Index this record now so later items of the batch see it.
@@ -2070,7 +2085,7 @@ impl Store {
         let Prepared {
             id, waiting_keys, ..
         } = p;
-        let (rec, fresh, snapshot, unique) = match tried {
+        let (rec, fresh, snapshot, unique, resolutions) = match tried {
             Tried::Rejected(reason) => {
                 return Err(Error::RejectedChange {
                     record: id.to_string(),
@@ -2091,9 +2106,10 @@ impl Store {
                     duplicate,
                     snapshot,
                     unique,
+                    resolutions,
                 } = *applied;
                 report.changes_duplicate += duplicate;
-                (rec, fresh, snapshot, unique)
+                (rec, fresh, snapshot, unique, resolutions)
             }
         };
         for k in waiting_keys {
@@ -2139,6 +2155,7 @@ impl Store {
                 slot.rec = rec;
                 slot.unique_now = unique;
                 slot.presaved = snapshot;
+                slot.preread = resolutions;
             }
             None => {
                 // New to this store, and it has its creating change.
@@ -2154,6 +2171,7 @@ impl Store {
                         fresh: false,
                         stored: false,
                         presaved: snapshot,
+                        preread: resolutions,
                     },
                 );
             }
@@ -2546,7 +2564,12 @@ impl Store {
             if work.slots[id].fresh {
                 continue; // a new document holds no resolution entries
             }
-            for (cid, texts) in work.slots[id].rec.resolutions() {
+            let slot = work.slots.get_mut(id).expect("present");
+            let resolutions = match slot.preread.take() {
+                Some((heads, r)) if heads == slot.rec.doc().get_heads() => r,
+                _ => slot.rec.resolutions(),
+            };
+            for (cid, texts) in resolutions {
                 let Ok(cid) = CollisionId::parse(&cid) else {
                     continue;
                 };
