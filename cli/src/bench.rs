@@ -56,6 +56,10 @@ pub enum Which {
         /// Contacts per batch when filling it.
         #[arg(long, default_value_t = 1_000)]
         batch: usize,
+        /// B catches up by feed pages and fetches instead of the bulk full
+        /// sync (`sync.bulk_full_sync = false`).
+        #[arg(long)]
+        no_bulk: bool,
     },
     /// Catch-up through the sync engine over an in-process channel, beside
     /// the raw limit (`Automerge::load` of the same documents); and a peer
@@ -94,7 +98,11 @@ pub fn run(which: Which) -> Result<()> {
             history,
             dir,
         } => collisions(records, history, dir),
-        Which::Net { records, batch } => crate::bench_net::run(records, batch.max(1)),
+        Which::Net {
+            records,
+            batch,
+            no_bulk,
+        } => crate::bench_net::run(records, batch.max(1), !no_bulk),
         Which::Sync {
             records,
             batch,

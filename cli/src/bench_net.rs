@@ -28,7 +28,7 @@ fn peak_rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn run(records: usize, batch: usize) -> Result<()> {
+pub fn run(records: usize, batch: usize, bulk: bool) -> Result<()> {
     let tmp = tempfile::Builder::new()
         .prefix("entente-bench-net-")
         .tempdir()?;
@@ -104,6 +104,7 @@ pub fn run(records: usize, batch: usize) -> Result<()> {
             ..Config::default()
         };
         config.sync.pull_interval_ms = 500;
+        config.sync.bulk_full_sync = bulk;
         let started = Instant::now();
         let node = runtime::start(&b, config).await?;
         let h = node.handle.clone();
@@ -143,12 +144,13 @@ pub fn run(records: usize, batch: usize) -> Result<()> {
         status.bytes_sent
     );
     println!(
-        "| B's bulk pages (applied while A read the next) / records received whole / pulls / fetches | {} ({}) / {} / {} / {} |",
+        "| B's bulk pages (applied while A read the next) / records received whole / pulls / fetches (applied while A read the next) | {} ({}) / {} / {} / {} ({}) |",
         status.bulk_pulls,
         status.bulk_pages_overlapped,
         status.records_bulk,
         status.pulls,
-        status.fetches
+        status.fetches,
+        status.fetches_overlapped
     );
     println!("| peak RSS, A (serving) | {} MiB |", a_rss / 1024);
     println!("| peak RSS, B (catching up) | {} MiB |", b_rss / 1024);

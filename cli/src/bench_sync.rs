@@ -117,6 +117,7 @@ fn delta(a: SyncStats, b: SyncStats) -> SyncStats {
         bulk_pulls: b.bulk_pulls - a.bulk_pulls,
         records_bulk: b.records_bulk - a.records_bulk,
         bulk_overlapped: b.bulk_overlapped - a.bulk_overlapped,
+        fetches_overlapped: b.fetches_overlapped - a.fetches_overlapped,
     }
 }
 

@@ -122,6 +122,9 @@ pub struct SyncTuning {
     /// stores and serves); empty or absent: all of them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub collections: Vec<String>,
+    /// A node whose store is empty takes its first peer's records whole, in
+    /// bulk pages; off, it pulls feed pages and fetches like any node.
+    pub bulk_full_sync: bool,
 }
 
 impl Default for SyncTuning {
@@ -131,6 +134,7 @@ impl Default for SyncTuning {
             redial_min_ms: 500,
             redial_max_ms: 30_000,
             collections: Vec::new(),
+            bulk_full_sync: true,
         }
     }
 }

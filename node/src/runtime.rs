@@ -8,7 +8,7 @@
 //!   connection to a peer is `peer_connected`, the last one closing is
 //!   `peer_disconnected`, an ordered replication frame is `handle_message`,
 //!   a validated push is `handle_message` too, a timer is `tick`, and a
-//!   parked bulk page is `run_pending` once the swarm has taken the
+//!   parked response is `run_pending` once the swarm has taken the
 //!   request for the next one), and hands
 //!   the engine's outputs to [`EventLoop::apply`], the one thin function that
 //!   carries them out (send a frame, publish a gossip, close a peer) and
@@ -124,6 +124,8 @@ pub struct NodeStatus {
     pub records_bulk: u64,
     /// Bulk pages applied while the peer was already reading the next.
     pub bulk_pages_overlapped: u64,
+    /// Fetch responses applied while the peer was already reading the next.
+    pub fetches_overlapped: u64,
     /// Changes applied from peers.
     pub changes_applied: u64,
     /// Records refused from peers.
@@ -247,6 +249,7 @@ pub async fn start(dir: &DataDir, config: Config) -> Result<RunningNode> {
         SyncConfig {
             pull_interval_ms: config.sync.pull_interval_ms,
             collections: config.sync.collections.iter().cloned().collect(),
+            bulk_full_sync: config.sync.bulk_full_sync,
             ..SyncConfig::default()
         },
     )?;
@@ -577,9 +580,9 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                 },
                 _ = tick.tick() => self.on_tick(),
-                // A bulk page waits while its successor is asked for. The
+                // A response waits while its successor is asked for. The
                 // yield lets the swarm be polled first, so that request is
-                // on its way to the peer while this node applies the page.
+                // on its way to the peer while this node applies it.
                 _ = tokio::task::yield_now(), if pending => {
                     self.with_engine(|engine, store| engine.run_pending(store));
                 }
@@ -866,6 +869,7 @@ impl EventLoop {
             bulk_pulls: stats.bulk_pulls,
             records_bulk: stats.records_bulk,
             bulk_pages_overlapped: stats.bulk_overlapped,
+            fetches_overlapped: stats.fetches_overlapped,
             changes_applied: stats.changes_applied,
             records_rejected: stats.records_rejected,
             records_ignored: stats.records_ignored,

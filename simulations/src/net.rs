@@ -82,9 +82,9 @@ pub struct NetOptions {
     pub redial_ms: u64,
     /// How often each node ticks (ms).
     pub tick_ms: u64,
-    /// Longest delay before a node applies a bulk page it parked while the
+    /// Longest delay before a node applies a response it parked while the
     /// next one is asked for (ms): a delay longer than a round trip lets the
-    /// next page arrive first, which then applies the parked one.
+    /// next response arrive first, which then applies the parked one.
     pub work_ms_max: u64,
     /// Keep the trace lines (not only their digest).
     pub keep_trace: bool,
@@ -164,7 +164,7 @@ enum Event {
     Break(usize, usize, u64),
     Dial(usize, usize),
     Restart(usize),
-    /// The node's engine applies the bulk pages it parked (incarnation).
+    /// The node's engine applies the responses it parked (incarnation).
     Work(usize, u64),
 }
 
@@ -217,7 +217,7 @@ pub struct Sim {
     trace: Vec<String>,
     line: String,
     traffic: Traffic,
-    /// Crashes that dropped a parked bulk page.
+    /// Crashes that dropped a parked response.
     parked_dropped: u64,
     /// A node to crash the moment it parks a bulk page, and when it
     /// restarts (ms after the crash).
@@ -475,8 +475,8 @@ impl Sim {
         }
     }
 
-    /// Crashes that dropped a bulk page parked unapplied (its node had
-    /// asked for the next page and not yet applied this one).
+    /// Crashes that dropped a bulk page or fetch response parked unapplied
+    /// (its node had asked for the next one and not yet applied it).
     pub fn parked_dropped(&self) -> u64 {
         self.parked_dropped
     }
@@ -493,7 +493,7 @@ impl Sim {
             .is_some_and(|e| e.has_pending_work());
         if parked {
             self.parked_dropped += 1;
-            self.log(format_args!("crash {i} with a parked bulk page"));
+            self.log(format_args!("crash {i} with a parked response"));
         } else {
             self.log(format_args!("crash {i}"));
         }
@@ -511,7 +511,7 @@ impl Sim {
         node.store = None;
     }
 
-    /// Crashes node `i` the next time it parks a bulk page (having asked
+    /// Crashes node `i` the next time it parks a response (having asked
     /// for the next one), and restarts it `after_ms` later.
     pub fn crash_when_parked(&mut self, i: usize, after_ms: u64) {
         self.crash_on_park = Some((i, after_ms));

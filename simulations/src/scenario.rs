@@ -186,7 +186,10 @@ pub struct Outcome {
     pub records_bulk: u64,
     /// Bulk pages those nodes applied while the next page was on its way.
     pub bulk_overlapped: u64,
-    /// Crashes that dropped a bulk page parked unapplied.
+    /// Fetch responses those nodes applied while the next fetch was on its
+    /// way.
+    pub fetches_overlapped: u64,
+    /// Crashes that dropped a bulk page or fetch response parked unapplied.
     pub parked_dropped: u64,
     /// `verify-repair`: records the verify runs reported differing, and
     /// repaired, summed over the runs.
@@ -480,6 +483,10 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
         bulk_overlapped: (0..n)
             .filter_map(|i| sim.engine(i))
             .map(|e| e.stats().bulk_overlapped)
+            .sum(),
+        fetches_overlapped: (0..n)
+            .filter_map(|i| sim.engine(i))
+            .map(|e| e.stats().fetches_overlapped)
             .sum(),
         parked_dropped: sim.parked_dropped(),
         verify_differing,

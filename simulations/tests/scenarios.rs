@@ -47,6 +47,19 @@ fn run_seeds(scenario: Scenario) -> Vec<Outcome> {
 #[test]
 fn partition_heal() {
     run_seeds(Scenario::PartitionHeal);
+    // After the heal, pages with more differing records than a fetch batch
+    // park each whole fetch response while the next batch is asked for.
+    let overlapped: u64 = (0..5)
+        .map(|seed| {
+            run(Scenario::PartitionHeal, seed, &RunOptions::default())
+                .unwrap()
+                .fetches_overlapped
+        })
+        .sum();
+    assert!(
+        overlapped > 0,
+        "no fetch response was applied by the pending work"
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! - [`SyncEngine::local_change`]: a local write was committed;
 //! - [`SyncEngine::tick`]: the current time, at least every few hundred ms;
 //! - [`SyncEngine::run_pending`]: after sending the outputs, when
-//!   [`SyncEngine::has_pending_work`] says a bulk page waits.
+//!   [`SyncEngine::has_pending_work`] says a response waits.
 //!
 //! ## The protocol
 //!
@@ -27,7 +27,10 @@
 //!    Automerge changes we lack (up to a byte budget; a record too big for one
 //!    response arrives as a dependency-ordered prefix and is asked for again).
 //!    Each response is applied with one `Store::apply_remote` batch (parsed,
-//!    size-capped, panic-guarded there).
+//!    size-capped, panic-guarded there). A response that came whole while
+//!    more of its page is left to fetch is parked, as a bulk page is (5):
+//!    the next fetch goes out first, and the response is applied by
+//!    [`SyncEngine::run_pending`] (gossiping what it changed then).
 //! 4. **Checkpoint.** When every record of a page is applied, the checkpoint
 //!    moves to the page's end, and the next page is pulled. At most one
 //!    request (pull, bulk or fetch) is outstanding per peer.
@@ -134,7 +137,7 @@
 //! ## Order of effects
 //!
 //! Everything the engine persists is written before it returns, except a
-//! parked bulk page, which waits for [`SyncEngine::run_pending`]; a driver
+//! parked response, which waits for [`SyncEngine::run_pending`]; a driver
 //! sends the outputs in order (FIFO per peer), then runs the pending work
 //! ([`SyncEngine::has_pending_work`]).
 
@@ -307,6 +310,9 @@ pub struct SyncStats {
     /// Bulk pages applied by [`SyncEngine::run_pending`], while the next
     /// page was on its way (the others were applied on arrival).
     pub bulk_overlapped: u64,
+    /// Fetch responses applied by [`SyncEngine::run_pending`], while the
+    /// next fetch was on its way.
+    pub fetches_overlapped: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,8 +337,9 @@ struct Session {
     /// This session is a bulk full sync: its pages are pulled as whole
     /// records until the end of the peer's feed.
     bulk: bool,
-    /// A bulk page that came whole, waiting to be applied while the next
-    /// one is on its way ([`SyncEngine::run_pending`]).
+    /// A bulk page or fetch response that came whole, waiting to be
+    /// applied while the next request is on its way
+    /// ([`SyncEngine::run_pending`]).
     parked: Option<Parked>,
     /// The persisted checkpoint in the peer's feed.
     checkpoint: u64,
@@ -345,13 +352,24 @@ struct Session {
     last_synced_ms: Option<u64>,
 }
 
-/// A bulk page received whole whose successor was already asked for: it is
-/// applied, with its checkpoint, by [`SyncEngine::run_pending`] or, at the
-/// latest, when the next page arrives.
+/// A response received whole whose successor was already asked for: it is
+/// applied by [`SyncEngine::run_pending`] or, at the latest, when the next
+/// response arrives.
 #[derive(Debug)]
 struct Parked {
     batch: Vec<(RecordId, Vec<Vec<u8>>)>,
-    next_since: u64,
+    kind: ParkedKind,
+}
+
+#[derive(Debug)]
+enum ParkedKind {
+    /// A bulk page: lands with its checkpoint, the page's end.
+    Bulk { next_since: u64 },
+    /// A fetch response (not a page's last): its records' heads before, to
+    /// gossip those it changes once it lands.
+    Fetch {
+        before: BTreeMap<RecordId, Vec<ChangeHash>>,
+    },
 }
 
 /// A session as the driver may report it (peer lists, metrics).
@@ -545,18 +563,19 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         out
     }
 
-    /// Whether a bulk page waits to be applied ([`SyncEngine::run_pending`]).
+    /// Whether a response waits to be applied ([`SyncEngine::run_pending`]).
     pub fn has_pending_work(&self) -> bool {
         self.sessions.values().any(|s| s.parked.is_some())
     }
 
-    /// Applies the bulk pages that wait (each with its checkpoint, in one
-    /// store batch). A page of a bulk full sync that came whole is not
-    /// applied by the [`SyncEngine::handle_message`] that received it: that
-    /// call asks for the next page at once and returns, so the peer reads
-    /// the next page while this node applies this one. A driver calls this
-    /// once it has sent those outputs; a page still waiting when the next
-    /// one arrives is applied first then, and one whose session closes is
+    /// Applies the responses that wait, each as one store batch. A bulk
+    /// page that came whole with more to follow, or a fetch response that
+    /// came whole with more of its page left to fetch, is not applied by the
+    /// [`SyncEngine::handle_message`] that received it: that call sends the
+    /// next request at once and returns, so the peer reads the next answer
+    /// while this node applies this one. A driver calls this once it has
+    /// sent those outputs; a response still waiting when the next one
+    /// arrives is applied first then, and one whose session closes is
     /// dropped unapplied (the checkpoint did not move past it).
     pub fn run_pending(&mut self, store: &mut Store) -> Vec<Output<P>> {
         let mut out = Vec::new();
@@ -568,8 +587,10 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             .collect();
         for peer in peers {
             let _span = tracing::debug_span!("sync_session", peer = ?peer).entered();
-            match self.land_parked(&peer, store) {
-                Ok(()) => self.stats.bulk_overlapped += 1,
+            match self.land_parked(&peer, store, &mut out) {
+                Ok(Some(true)) => self.stats.bulk_overlapped += 1,
+                Ok(Some(false)) => self.stats.fetches_overlapped += 1,
+                Ok(None) => {}
                 Err(e) => self.close(&peer, e, &mut out),
             }
         }
@@ -593,15 +614,31 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         });
     }
 
-    /// Applies `peer`'s parked bulk page, if any, with its checkpoint.
-    fn land_parked(&mut self, peer: &P, store: &mut Store) -> Result<()> {
-        let Some(parked) = self.session(peer).parked.take() else {
-            return Ok(());
+    /// Applies `peer`'s parked response, if any: a bulk page with its
+    /// checkpoint, a fetch response with the gossip of what it changed.
+    /// Returns whether it was a bulk page, if there was one.
+    fn land_parked(
+        &mut self,
+        peer: &P,
+        store: &mut Store,
+        out: &mut Vec<Output<P>>,
+    ) -> Result<Option<bool>> {
+        let Some(Parked { batch, kind }) = self.session(peer).parked.take() else {
+            return Ok(None);
         };
-        // The page came whole, so no record of it is fetched again: what the
-        // store refused is reported by `apply_batch` and left there.
-        self.apply_batch(peer, parked.batch, Some(parked.next_since), store)?;
-        Ok(())
+        // It came whole, so no record of it is fetched again: what the store
+        // refused is reported by `apply_batch` and left there.
+        match kind {
+            ParkedKind::Bulk { next_since } => {
+                self.apply_batch(peer, batch, Some(next_since), store)?;
+                Ok(Some(true))
+            }
+            ParkedKind::Fetch { before } => {
+                let rejected = self.apply_batch(peer, batch, None, store)?;
+                gossip_changed(before, &rejected, store, out)?;
+                Ok(Some(false))
+            }
+        }
     }
 
     fn handle(
@@ -819,7 +856,10 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                     return Err(Error::Protocol("fetch response without a request".into()));
                 };
                 let asked_ids = asked.clone();
-                let mut unanswered: BTreeSet<RecordId> = asked.iter().cloned().collect();
+                // The response before this one, if it still waits, lands
+                // first.
+                self.land_parked(peer, store, out)?;
+                let mut unanswered: BTreeSet<RecordId> = asked_ids.iter().cloned().collect();
                 let mut again = Vec::new();
                 let mut batch = Vec::new();
                 let mut before = BTreeMap::new();
@@ -837,9 +877,26 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                         batch.push((id, changes));
                     }
                 }
+                let s = &self.sessions[peer];
+                if unanswered.is_empty()
+                    && again.is_empty()
+                    && !batch.is_empty()
+                    && !s.queue.is_empty()
+                    && !self.verifies.contains_key(peer)
+                {
+                    // Whole, and more of the page to fetch: ask for the next
+                    // batch now, and apply this one once that request is
+                    // out.
+                    let s = self.session(peer);
+                    s.in_flight = InFlight::None;
+                    s.parked = Some(Parked {
+                        batch,
+                        kind: ParkedKind::Fetch { before },
+                    });
+                    return self.pump(peer, store, out);
+                }
                 // The response that completes a page's last fetch carries
                 // the page's checkpoint into the same batch as its data.
-                let s = &self.sessions[peer];
                 let checkpoint = match s.page_end {
                     Some((next, _))
                         if unanswered.is_empty()
@@ -878,13 +935,6 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                     }
                     run.offer(peer, offer, out);
                 }
-                let mut gossip = Vec::new();
-                for (id, old) in before {
-                    let now = store.heads(&id)?;
-                    if !rejected.contains(&id) && differs(&old, &now) {
-                        gossip.push((id, heads_to_wire(&now)));
-                    }
-                }
                 let s = self.session(peer);
                 s.in_flight = InFlight::None;
                 s.queue.extend(
@@ -893,13 +943,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
                         .chain(again)
                         .filter(|id| !rejected.contains(id)),
                 );
-                for chunk in gossip.chunks(wire::MAX_ENTRIES) {
-                    out.push(Output::Broadcast {
-                        msg: Message::Push {
-                            entries: chunk.to_vec(),
-                        },
-                    });
-                }
+                gossip_changed(before, &rejected, store, out)?;
                 self.pump(peer, store, out)?;
                 self.finish_verify_if_done(peer);
                 Ok(())
@@ -1178,7 +1222,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             return Err(Error::Protocol("bulk response without a request".into()));
         }
         // The page before this one, if it still waits, lands first.
-        self.land_parked(peer, store)?;
+        self.land_parked(peer, store, out)?;
         let s = &self.sessions[peer];
         if next_since < s.checkpoint || (more && next_since == s.checkpoint) {
             return Err(Error::Protocol(
@@ -1212,7 +1256,10 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             }
             let s = self.session(peer);
             s.in_flight = InFlight::None;
-            s.parked = Some(Parked { batch, next_since });
+            s.parked = Some(Parked {
+                batch,
+                kind: ParkedKind::Bulk { next_since },
+            });
             self.send_pull(peer, out);
             return Ok(());
         }
@@ -1292,7 +1339,13 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         let s = self.session(peer);
         debug_assert_eq!(s.in_flight, InFlight::None);
         // A parked page is as good as applied: the next page follows it.
-        let since = s.parked.as_ref().map_or(s.checkpoint, |p| p.next_since);
+        let since = match &s.parked {
+            Some(Parked {
+                kind: ParkedKind::Bulk { next_since },
+                ..
+            }) => *next_since,
+            _ => s.checkpoint,
+        };
         let msg = if s.bulk {
             s.in_flight = InFlight::Bulk;
             self.stats.bulk_pulls += 1;
@@ -1354,6 +1407,31 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
         }
         Ok(())
     }
+}
+
+/// Gossips the records of `before` (their heads before a fetch response was
+/// applied) that it changed, except those the store refused.
+fn gossip_changed<P>(
+    before: BTreeMap<RecordId, Vec<ChangeHash>>,
+    rejected: &BTreeSet<RecordId>,
+    store: &Store,
+    out: &mut Vec<Output<P>>,
+) -> Result<()> {
+    let mut gossip = Vec::new();
+    for (id, old) in before {
+        let now = store.heads(&id)?;
+        if !rejected.contains(&id) && differs(&old, &now) {
+            gossip.push((id, heads_to_wire(&now)));
+        }
+    }
+    for chunk in gossip.chunks(wire::MAX_ENTRIES) {
+        out.push(Output::Broadcast {
+            msg: Message::Push {
+                entries: chunk.to_vec(),
+            },
+        });
+    }
+    Ok(())
 }
 
 /// Whether a record of `collection` goes between this node (replicating
@@ -1755,6 +1833,16 @@ mod tests {
         }
     }
 
+    /// The requests on their way to node 0.
+    fn requests_to_node_0(p: &Pair) -> Vec<Message> {
+        p.wire
+            .iter()
+            .filter(|(to, _)| *to == 0)
+            .map(|(_, f)| Message::decode(f).unwrap())
+            .filter(|m| m.kind().ends_with("-req"))
+            .collect()
+    }
+
     /// Delivers frames until node 1 has handled a bulk page; returns the
     /// page's end.
     fn until_bulk_page(p: &mut Pair) -> u64 {
@@ -1788,13 +1876,7 @@ mod tests {
         assert!(!p.engines[1].is_idle());
         assert_eq!(p.stores[1].feed_seq(), 0);
         assert_eq!(load_checkpoint(&p.stores[1], &node0).unwrap(), 0);
-        let asks: Vec<Message> = p
-            .wire
-            .iter()
-            .filter(|(to, _)| *to == 0)
-            .map(|(_, f)| Message::decode(f).unwrap())
-            .filter(|m| m.kind().ends_with("-req"))
-            .collect();
+        let asks = requests_to_node_0(&p);
         assert!(
             matches!(&asks[..], [Message::BulkRequest { since, .. }] if *since == end1),
             "one request in flight, from the parked page's end: {asks:?}"
@@ -1824,6 +1906,65 @@ mod tests {
         assert!(p.engines.iter().all(|e| e.is_idle()));
         assert_eq!(p.engines[1].stats().records_bulk, 7);
         assert_eq!(p.engines[1].stats().bulk_overlapped, 1);
+    }
+
+    #[test]
+    fn a_whole_fetch_response_asks_for_the_next_batch_before_it_is_applied() {
+        // Node 1 holds a record of its own: it pulls the ordinary way, one
+        // page of 6 entries fetched 2 records at a time.
+        let mut p = Pair::new(SyncConfig {
+            pull_limit: 6,
+            fetch_budget_bytes: 64 << 10,
+            ..small()
+        });
+        let ids: Vec<RecordId> = (0..6)
+            .map(|i| create(&mut p.stores[0], &format!("a{i}@x.org")))
+            .collect();
+        create(&mut p.stores[1], "b@x.org");
+        p.connect();
+        // Until node 1 has handled its first fetch response.
+        loop {
+            let (to, frame) = p.wire.pop_front().expect("a fetch response comes");
+            let fetched = to == 1
+                && matches!(
+                    Message::decode(&frame).unwrap(),
+                    Message::FetchResponse { .. }
+                );
+            let o = p.engines[to].handle_message(&(1 - to), &frame, &mut p.stores[to]);
+            p.apply(to, o);
+            if fetched {
+                break;
+            }
+        }
+        // Its two records are not stored yet; the next two are asked for.
+        assert!(p.engines[1].has_pending_work());
+        assert_eq!(p.feed(1).len(), 1);
+        let asks = requests_to_node_0(&p);
+        assert!(
+            matches!(&asks[..], [Message::FetchRequest { items }] if items.len() == 2),
+            "{asks:?}"
+        );
+        // Applied by the driver: stored, and gossiped as changed.
+        let o = p.engines[1].run_pending(&mut p.stores[1]);
+        assert!(
+            matches!(&o[..], [Output::Broadcast { msg: Message::Push { entries } }] if entries.len() == 2),
+            "{o:?}"
+        );
+        assert_eq!(p.feed(1).len(), 3);
+        assert_eq!(p.engines[1].stats().fetches_overlapped, 1);
+        p.run();
+        assert!(p.closed.is_empty(), "{:?}", p.closed);
+        for id in &ids {
+            assert_eq!(
+                p.stores[0].heads(id).unwrap(),
+                p.stores[1].heads(id).unwrap()
+            );
+        }
+        // The page's end: node 0's 6 records (its 7th entry is node 1's own
+        // record, pulled from node 1 meanwhile).
+        assert_eq!(load_checkpoint(&p.stores[1], &NodeId([1; 16])).unwrap(), 6);
+        assert!(p.engines.iter().all(|e| e.is_idle()));
+        assert!(!p.engines[1].has_pending_work());
     }
 
     #[test]
