@@ -2085,7 +2085,14 @@ impl Store {
         let Prepared {
             id, waiting_keys, ..
         } = p;
-        let (rec, fresh, snapshot, unique, resolutions) = match tried {
+        let Applied {
+            rec,
+            fresh,
+            duplicate,
+            snapshot,
+            unique,
+            resolutions,
+        } = match tried {
             Tried::Rejected(reason) => {
                 return Err(Error::RejectedChange {
                     record: id.to_string(),
@@ -2099,19 +2106,9 @@ impl Store {
                 }
                 return Ok(());
             }
-            Tried::Applied(applied) => {
-                let Applied {
-                    rec,
-                    fresh,
-                    duplicate,
-                    snapshot,
-                    unique,
-                    resolutions,
-                } = *applied;
-                report.changes_duplicate += duplicate;
-                (rec, fresh, snapshot, unique, resolutions)
-            }
+            Tried::Applied(applied) => *applied,
         };
+        report.changes_duplicate += duplicate;
         for k in waiting_keys {
             tx.del(Cf::Pending, k);
         }
