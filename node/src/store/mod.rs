@@ -2780,7 +2780,6 @@ impl Store {
         // stale version.) Measured: caching every record of 1,000-record
         // batches cost the batched write path 17% (BENCHMARKS.md).
         if work.slots.len() > CACHE_MAX_PER_OPERATION {
-            free_elsewhere(work);
             return;
         }
         for (id, slot) in work.slots {
@@ -2873,16 +2872,6 @@ fn ref_key(target: &str, referrer: &RecordId, field: &str) -> Vec<u8> {
     k.push(SEP);
     k.extend_from_slice(field.as_bytes());
     k
-}
-
-/// Frees a large working set on a thread of its own. Nothing waits for it:
-/// freeing a 1,000-record page's documents was 7% of the time of the thread
-/// that applies a catch-up's pages (the next page waits for that thread).
-/// If no thread can be started, it is freed here.
-fn free_elsewhere(work: Work) {
-    let _ = std::thread::Builder::new()
-        .name("entente-free".into())
-        .spawn(move || drop(work));
 }
 
 /// Parses one change from a peer: size cap, uncompressed change chunk only,
