@@ -17,6 +17,10 @@
 //!    resumes from its checkpoint. Printed: feed entries B read in pull
 //!    responses, pulls, fetches, records fetched, time — work for 10
 //!    records, not a scan of N.
+//! 3. **All behind**: every record changed at A while B was away, B's
+//!    document cache emptied (as after a restart, or a store larger than
+//!    the cache): B catches up by feed pages and fetches of records it
+//!    holds, loading each from storage. Printed: records/s.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -244,6 +248,34 @@ pub fn run(records: usize, batch: usize, bulk: bool) -> Result<()> {
         }
     }
 
+    // 3. Every record changed at A while B was away.
+    link.disconnect();
+    link.wire.clear();
+    for (k, id) in ids.iter().enumerate() {
+        let f = json!({ "city": format!("Bern {k}") });
+        link.stores[0].update(id, f.as_object().expect("object"), None, false)?;
+    }
+    link.stores[1].clear_cache();
+    let before = link.engines[1].stats();
+    let seq_before = link.stores[1].feed_seq();
+    let t = Instant::now();
+    link.connect()?;
+    let target = seq_before + records as u64;
+    link.run(&mut |l| l.stores[1].feed_seq() >= target)?;
+    let all_behind = t.elapsed();
+    let all = delta(before, link.engines[1].stats());
+    if link.stores[1].feed_seq() < target {
+        bail!(
+            "catch-up of the changed records stopped at {} of {records}",
+            link.stores[1].feed_seq() - seq_before
+        );
+    }
+    for id in ids.iter().step_by((records / 100).max(1)) {
+        if link.stores[0].heads(id)? != link.stores[1].heads(id)? {
+            bail!("the change of {id} did not arrive");
+        }
+    }
+
     let rec_rate = rate(records, catch_up);
     println!("| figure | value |");
     println!("|---|---|");
@@ -282,6 +314,16 @@ pub fn run(records: usize, batch: usize, bulk: bool) -> Result<()> {
         ms(behind)
     );
     println!("| bytes on the wire | {behind_bytes} |");
+    println!("| **every record changed at A, B's cache emptied** | |");
+    println!(
+        "| catch-up rate | {:.0} records/s ({:.2} s) |",
+        rate(records, all_behind),
+        all_behind.as_secs_f64()
+    );
+    println!(
+        "| B's pulls / fetches / records fetched | {} / {} / {} |",
+        all.pulls, all.fetches, all.records_fetched
+    );
     Ok(())
 }
 
