@@ -1095,8 +1095,10 @@ fn malformed_remote_changes_are_rejected() {
 
 /// A large remote batch is tried on worker threads (each record is its own
 /// document); what lands must not depend on it: the same batch applied
-/// with one thread, with four, and record by record gives the same records
-/// and collisions, and the two batched stores the same report and feed.
+/// with one thread, with four, with four to records the receiver must load
+/// from storage (on the workers: none is cached), and record by record
+/// gives the same records and collisions, and the batched stores the same
+/// report and feed.
 #[test]
 fn a_large_batch_tried_on_threads_lands_as_on_one() {
     let ca = clock(40);
@@ -1171,7 +1173,7 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
     batch.retain(|(id, _)| id != &contacts[110]);
     batch.push((contacts[110].clone(), newest));
 
-    let receive = |threads: usize, one_by_one: bool| {
+    let receive = |threads: usize, one_by_one: bool, cold: bool| {
         let kv = Arc::new(MemKv::new());
         let opts = StoreOptions {
             apply_threads: threads,
@@ -1179,6 +1181,9 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
         };
         let mut b = Store::with_kv(kv, schema(), nid(2), clock(41), opts).unwrap();
         b.apply_remote(early.clone()).unwrap();
+        if cold {
+            b.clear_cache();
+        }
         let reports: Vec<ApplyReport> = if one_by_one {
             batch
                 .iter()
@@ -1189,11 +1194,14 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
         };
         (reports, state(&mut b))
     };
-    let (one, s1) = receive(1, false);
-    let (four, s4) = receive(4, false);
-    let (_, sn) = receive(1, true);
+    let (one, s1) = receive(1, false, false);
+    let (four, s4) = receive(4, false, false);
+    let (cold, sc) = receive(4, false, true);
+    let (_, sn) = receive(1, true, false);
     assert_eq!(one, four);
     assert_eq!(s1, s4);
+    assert_eq!(cold, four);
+    assert_eq!(sc, s4);
     check_invariants(&s4);
     assert_eq!(sn.records.len(), s4.records.len());
     for (x, y) in sn.records.iter().zip(&s4.records) {

@@ -503,6 +503,25 @@ struct Slot {
     preread: Option<(Vec<ChangeHash>, Resolutions)>,
 }
 
+impl Slot {
+    /// A record as storage holds it, taken into a working set unchanged.
+    fn stored(rec: Record, meta: RecordMeta) -> Slot {
+        let old_heads = rec.heads();
+        Slot {
+            rec,
+            meta: Some(meta),
+            old_heads,
+            dirty: false,
+            forced: false,
+            unique_now: None,
+            fresh: false,
+            stored: true,
+            presaved: None,
+            preread: None,
+        }
+    }
+}
+
 /// A record's resolution entries by collision id ([`Record::resolutions`]).
 type Resolutions = BTreeMap<String, Vec<String>>;
 
@@ -511,18 +530,29 @@ struct Work {
     slots: BTreeMap<RecordId, Slot>,
 }
 
-/// One record of a remote batch, taken into the working set (see
-/// [`Store::prepare`]).
+/// One record of a remote batch, read for its attempt (see
+/// [`Store::prepare`]): what stays with the thread that stores the batch,
+/// and the attempt a worker runs.
 struct Prepared {
     id: RecordId,
-    /// The store held the record before this batch.
-    known: bool,
-    /// The peer's changes, as received.
-    raw: Vec<Vec<u8>>,
-    /// Changes of the record that waited in storage for their dependencies:
-    /// their keys, and their bytes (moved into the attempt).
+    /// Keys of the record's changes that waited in storage for their
+    /// dependencies (their bytes are in the attempt).
     waiting_keys: Vec<Vec<u8>>,
-    waiting_raw: Vec<Vec<u8>>,
+    job: Job,
+}
+
+/// A record of a remote batch as the store holds it, handed to its attempt.
+enum Base {
+    /// Not in this store.
+    New,
+    /// From the cache, as storage holds it.
+    Taken(Slot),
+    /// Its stored bytes: the worker that tries it loads them.
+    Stored {
+        meta: RecordMeta,
+        snap: Vec<u8>,
+        chunks: Vec<Vec<u8>>,
+    },
 }
 
 /// What is needed to try changes, shared by the worker threads.
@@ -534,14 +564,48 @@ struct TryCtx<'a> {
     fault: Option<TestFault>,
 }
 
-/// One record's attempt: its document as the store holds it, and the
-/// changes to try on a copy of it.
-struct Job<'a> {
-    base: &'a Automerge,
+/// One record's attempt: the record as the store holds it, and the changes
+/// to try on a copy of its document.
+struct Job {
+    base: Base,
     id: RecordId,
-    known: bool,
+    /// The peer's changes, as received.
     raw: Vec<Vec<u8>>,
+    /// Changes of the record that waited in storage for their dependencies.
     waiting: Vec<Vec<u8>>,
+}
+
+/// A record's attempt as it comes back: the record taken into the working
+/// set (if the store holds it), and the outcome.
+type Attempt = Result<(Option<Slot>, Tried)>;
+
+/// Runs one record's attempt: loads its stored document if it was not
+/// cached, then tries the changes (see [`try_changes`]). Touches nothing
+/// shared: worker threads run it.
+fn attempt(ctx: &TryCtx<'_>, empty: &Automerge, job: Job) -> Attempt {
+    let Job {
+        base,
+        id,
+        raw,
+        waiting,
+    } = job;
+    let slot = match base {
+        Base::New => None,
+        Base::Taken(slot) => Some(slot),
+        Base::Stored { meta, snap, chunks } => {
+            let rec = load_stored(ctx.node, &id, &meta, &snap, &chunks)?;
+            Some(Slot::stored(rec, meta))
+        }
+    };
+    let tried = try_changes(
+        ctx,
+        slot.as_ref().map_or(empty, |s| s.rec.doc()),
+        &id,
+        slot.is_some(),
+        raw,
+        waiting,
+    );
+    Ok((slot, tried))
 }
 
 /// The outcome of trying one record's changes.
@@ -671,14 +735,14 @@ fn changes_missing(rec: &Record, have: &[ChangeHash]) -> Vec<Vec<u8>> {
 /// Parses a record's changes, applies the new ones to a copy of its
 /// document under a panic guard, checks the copy, and prepares what
 /// storing it will need. Touches nothing shared: worker threads run it.
-fn try_changes(ctx: &TryCtx<'_>, job: Job<'_>) -> Tried {
-    let Job {
-        base,
-        id,
-        known,
-        raw,
-        waiting,
-    } = job;
+fn try_changes(
+    ctx: &TryCtx<'_>,
+    base: &Automerge,
+    id: &RecordId,
+    known: bool,
+    raw: Vec<Vec<u8>>,
+    waiting: Vec<Vec<u8>>,
+) -> Tried {
     if raw.len() > MAX_CHANGES_PER_RECORD {
         return Tried::Rejected(format!("{} changes in one batch", raw.len()));
     }
@@ -747,7 +811,7 @@ fn try_changes(ctx: &TryCtx<'_>, job: Job<'_>) -> Tried {
     let foreign = rec.with_root(entente_model::record::KEY_ID, |vals| {
         vals.iter()
             .find_map(|(v, _)| match v.as_str().map(RecordId::parse) {
-                Some(Ok(doc_id)) if doc_id == id => None,
+                Some(Ok(doc_id)) if &doc_id == id => None,
                 Some(Ok(doc_id)) => Some(doc_id.to_string()),
                 _ => Some(format!("{v}")),
             })
@@ -1070,22 +1134,7 @@ impl Store {
             Some(r) => r,
             None => self.load_doc(id, &meta)?,
         };
-        let old_heads = rec.heads();
-        work.slots.insert(
-            id.clone(),
-            Slot {
-                rec,
-                meta: Some(meta),
-                old_heads,
-                dirty: false,
-                forced: false,
-                unique_now: None,
-                fresh: false,
-                stored: true,
-                presaved: None,
-                preread: None,
-            },
-        );
+        work.slots.insert(id.clone(), Slot::stored(rec, meta));
         Ok(true)
     }
 
@@ -1964,46 +2013,46 @@ impl Store {
                 waiting = true;
                 false
             })?;
-            // Every record is taken into the working set first, then its
-            // changes are tried on copies of the documents (on worker
-            // threads when the batch is large: each record is its own
-            // document), then the outcomes are taken in batch order.
+            // Every record is read first (metadata, and its stored bytes
+            // when it is not cached). Then each is loaded and its changes
+            // tried on a copy of its document, on worker threads when the
+            // batch is large (each record is its own document; loading them
+            // here was 14% of catching up on records this node holds), and
+            // the outcomes are taken in batch order into the working set.
             let mut prepared = Vec::with_capacity(grouped.len());
             for (id, raw) in grouped {
-                prepared.push(self.prepare(&mut work, &tx, id, raw, waiting)?);
+                prepared.push(self.prepare(&tx, id, raw, waiting)?);
             }
-            let tried = self.try_all(&work, collections, &mut prepared);
-            for (p, t) in prepared.into_iter().zip(tried) {
-                let id = p.id.clone();
-                match self.conclude(&mut work, &mut tx, p, t, collections, &mut report) {
-                    Ok(()) => {}
-                    Err(Error::RejectedChange { reason, .. }) => {
-                        let now = self.clock.now_ms();
-                        let key = key2(id.as_str().as_bytes(), &now.to_be_bytes());
-                        let entry = QuarantineEntry {
-                            record: id.to_string(),
-                            reason: reason.clone(),
-                            peer: peer.map(|p| p.to_string()),
-                            changes: Vec::new(),
-                            at_ms: Some(now),
-                        };
-                        tx.put(Cf::Quarantine, key, json(&entry));
-                        tracing::warn!(record = %id, %reason, "quarantined remote input");
-                        report.rejected.push((id, reason));
-                    }
-                    Err(e) => return Err(e),
-                }
+            let schema = self.schema.clone();
+            let ctx = TryCtx {
+                schema: &schema,
+                node: self.node,
+                only: collections,
+                fault: self.opts.fault,
+            };
+            // The base of every record new to this store (`Automerge::new`
+            // costs as much as a small record's indexing).
+            let empty = Automerge::new();
+            let (kept, jobs): (Vec<_>, Vec<_>) = prepared
+                .into_iter()
+                .map(|p| ((p.id, p.waiting_keys), p.job))
+                .unzip();
+
+            let outcomes = par_map(self.opts.apply_threads, jobs, |job| {
+                attempt(&ctx, &empty, job)
+            });
+            for (kept, outcome) in kept.into_iter().zip(outcomes) {
+                self.take_attempt(
+                    &mut work,
+                    &mut tx,
+                    kept,
+                    outcome?,
+                    collections,
+                    peer,
+                    &mut report,
+                )?;
             }
-            let ids: Vec<RecordId> = work
-                .slots
-                .iter()
-                .filter(|(_, s)| s.dirty)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for id in &ids {
-                self.index(&mut work, &mut tx, id)?;
-            }
-            report.records_changed = ids.len();
+            report.records_changed = work.slots.values().filter(|s| s.dirty).count();
             self.finish(&mut work, tx)
         })();
         if result.is_err() {
@@ -2021,11 +2070,53 @@ impl Store {
         Ok(report)
     }
 
-    /// Takes one record of a remote batch into the working set, if this store
-    /// holds it, with the changes that waited in storage for it.
-    fn prepare(
+    /// Takes one record's attempt into the working set and the batch, in
+    /// batch order: the record's outcome (a rejected record quarantined),
+    /// then its index entries when it changed.
+    #[allow(clippy::too_many_arguments)]
+    fn take_attempt(
         &mut self,
         work: &mut Work,
+        tx: &mut Tx,
+        (id, waiting_keys): (RecordId, Vec<Vec<u8>>),
+        (slot, tried): (Option<Slot>, Tried),
+        collections: &BTreeSet<String>,
+        peer: Option<NodeId>,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        if let Some(slot) = slot {
+            work.slots.insert(id.clone(), slot);
+        }
+        match self.conclude(work, tx, &id, waiting_keys, tried, collections, report) {
+            Ok(()) => {}
+            Err(Error::RejectedChange { reason, .. }) => {
+                let now = self.clock.now_ms();
+                let key = key2(id.as_str().as_bytes(), &now.to_be_bytes());
+                let entry = QuarantineEntry {
+                    record: id.to_string(),
+                    reason: reason.clone(),
+                    peer: peer.map(|p| p.to_string()),
+                    changes: Vec::new(),
+                    at_ms: Some(now),
+                };
+                tx.put(Cf::Quarantine, key, json(&entry));
+                tracing::warn!(record = %id, %reason, "quarantined remote input");
+                report.rejected.push((id, reason));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        if work.slots.get(&id).is_some_and(|s| s.dirty) {
+            self.index(work, tx, &id)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one record of a remote batch for its attempt: whether this
+    /// store holds it (and its document, from the cache, or its stored
+    /// bytes), and the changes that waited in storage for it.
+    fn prepare(
+        &mut self,
         tx: &Tx,
         id: RecordId,
         raw: Vec<Vec<u8>>,
@@ -2041,60 +2132,40 @@ impl Store {
                 }
             }
         }
-        let known = self.take(work, tx, &id)?;
+        let base = match self.meta(tx, &id)? {
+            None => Base::New,
+            Some(meta) => match self.cache.pop(&id) {
+                Some(rec) => Base::Taken(Slot::stored(rec, meta)),
+                None => {
+                    let (snap, chunks) = self.read_stored(&id, &meta)?;
+                    Base::Stored { meta, snap, chunks }
+                }
+            },
+        };
         Ok(Prepared {
-            id,
-            known,
-            raw,
+            id: id.clone(),
             waiting_keys,
-            waiting_raw,
+            job: Job {
+                base,
+                id,
+                raw,
+                waiting: waiting_raw,
+            },
         })
     }
 
-    /// Tries every prepared record's changes on a copy of its document, on
-    /// up to [`StoreOptions::apply_threads`] threads for a large batch.
-    /// Outcomes come back in the order of `prepared`, whatever the threads.
-    fn try_all(
-        &self,
-        work: &Work,
-        only: &BTreeSet<String>,
-        prepared: &mut [Prepared],
-    ) -> Vec<Tried> {
-        let ctx = TryCtx {
-            schema: &self.schema,
-            node: self.node,
-            only,
-            fault: self.opts.fault,
-        };
-        // The base of every record new to this store (`Automerge::new` costs
-        // as much as a small record's indexing).
-        let empty = Automerge::new();
-        let jobs: Vec<Job<'_>> = prepared
-            .iter_mut()
-            .map(|p| Job {
-                base: work.slots.get(&p.id).map_or(&empty, |s| s.rec.doc()),
-                id: p.id.clone(),
-                known: p.known,
-                raw: std::mem::take(&mut p.raw),
-                waiting: std::mem::take(&mut p.waiting_raw),
-            })
-            .collect();
-        par_map(self.opts.apply_threads, jobs, |j| try_changes(&ctx, j))
-    }
-
     /// Takes one tried record's outcome into the working set and the batch.
+    #[allow(clippy::too_many_arguments)]
     fn conclude(
         &mut self,
         work: &mut Work,
         tx: &mut Tx,
-        p: Prepared,
+        id: &RecordId,
+        waiting_keys: Vec<Vec<u8>>,
         tried: Tried,
         only: &BTreeSet<String>,
         report: &mut ApplyReport,
     ) -> Result<()> {
-        let Prepared {
-            id, waiting_keys, ..
-        } = p;
         let Applied {
             rec,
             applied,
@@ -2135,7 +2206,7 @@ impl Store {
         report.changes_applied += applied;
         report.changes_pending += waiting.len();
         for c in &waiting {
-            let mut k = id_prefix(&id);
+            let mut k = id_prefix(id);
             k.extend_from_slice(&c.hash().0);
             tx.put(Cf::Pending, k, c.raw_bytes().to_vec());
         }
@@ -2152,7 +2223,7 @@ impl Store {
                 reason: format!("unknown collection `{collection}`"),
             });
         }
-        match work.slots.get_mut(&id) {
+        match work.slots.get_mut(id) {
             Some(slot) => {
                 slot.dirty = rec.heads() != slot.rec.heads();
                 slot.rec = rec;
@@ -2163,7 +2234,7 @@ impl Store {
             None => {
                 // New to this store, and it has its creating change.
                 work.slots.insert(
-                    id,
+                    id.clone(),
                     Slot {
                         rec,
                         meta: None,
