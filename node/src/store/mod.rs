@@ -494,10 +494,10 @@ struct Slot {
     fresh: bool,
     /// The record's metadata was in storage when the operation took it.
     stored: bool,
-    /// A record new to this store, applied from a peer: its first snapshot,
-    /// saved while the batch was tried (see [`try_changes`]), valid while
-    /// the document's heads are these.
-    presaved: Option<(Vec<ChangeHash>, Vec<u8>)>,
+    /// A record applied from a peer: its bytes to store, saved while the
+    /// batch was tried (see [`try_changes`]), valid while the document's
+    /// heads are these.
+    presaved: Option<(Vec<ChangeHash>, Presaved)>,
     /// A record applied from a peer: its resolution entries, read while the
     /// batch was tried, valid while the document's heads are these.
     preread: Option<(Vec<ChangeHash>, Resolutions)>,
@@ -520,6 +520,15 @@ impl Slot {
             preread: None,
         }
     }
+}
+
+/// A record's bytes to store, saved on a worker while its batch was tried.
+enum Presaved {
+    /// A record new to this store: its first snapshot.
+    Snapshot(Vec<u8>),
+    /// A record the store held: the chunk of the changes since it was taken
+    /// (`save_after` its heads then), unless it is compacted instead.
+    Chunk(Vec<u8>),
 }
 
 /// A record's resolution entries by collision id ([`Record::resolutions`]).
@@ -628,8 +637,8 @@ struct Applied {
     /// their dependencies (kept under the record's id until they arrive).
     waiting: Vec<Change>,
     duplicate: usize,
-    /// A record new to this store: its first snapshot, with its heads.
-    snapshot: Option<(Vec<ChangeHash>, Vec<u8>)>,
+    /// Its bytes to store, with its heads.
+    presaved: Option<(Vec<ChangeHash>, Presaved)>,
     /// Its unique values, as `Store::index` computes them.
     unique: Option<Vec<(String, String)>>,
     /// Its resolution entries, with its heads.
@@ -821,9 +830,10 @@ fn try_changes(
     }
     // What storing the record will need, computed here while other threads
     // do the same for other records: its unique values, its resolution
-    // entries, and for a record new to this store (kept here, with its
-    // identity) its first snapshot.
-    let mut snapshot = None;
+    // entries, and its bytes (for a record new to this store, kept here,
+    // with its identity, its first snapshot; for one the store held, the
+    // chunk of the new changes).
+    let mut presaved = None;
     let mut unique = None;
     let mut resolutions = None;
     if let Some(collection) = rec.collection()
@@ -839,9 +849,12 @@ fn try_changes(
         }
         unique = Some(values);
         let heads = rec.heads();
-        if !known {
-            snapshot = Some((heads.clone(), rec.doc().save()));
-        }
+        let bytes = if known {
+            Presaved::Chunk(rec.doc().save_after(&old_heads))
+        } else {
+            Presaved::Snapshot(rec.doc().save())
+        };
+        presaved = Some((heads.clone(), bytes));
         resolutions = Some((heads, rec.resolutions()));
     }
     // Which new changes the document took: those it now holds beyond its
@@ -856,7 +869,7 @@ fn try_changes(
         applied: fresh_count - waiting.len(),
         waiting,
         duplicate,
-        snapshot,
+        presaved,
         unique,
         resolutions,
     }))
@@ -2171,7 +2184,7 @@ impl Store {
             applied,
             waiting,
             duplicate,
-            snapshot,
+            presaved,
             unique,
             resolutions,
         } = match tried {
@@ -2228,7 +2241,7 @@ impl Store {
                 slot.dirty = rec.heads() != slot.rec.heads();
                 slot.rec = rec;
                 slot.unique_now = unique;
-                slot.presaved = snapshot;
+                slot.presaved = presaved;
                 slot.preread = resolutions;
             }
             None => {
@@ -2244,7 +2257,7 @@ impl Store {
                         unique_now: unique,
                         fresh: false,
                         stored: false,
-                        presaved: snapshot,
+                        presaved,
                         preread: resolutions,
                     },
                 );
@@ -2402,7 +2415,13 @@ impl Store {
                 tx.del(Cf::Unique, key);
             }
         }
+        // Entries the record held already are in the index (the metadata
+        // lists exactly what was written): writing them again on every
+        // change only grew the memtable that duplicate checks seek in.
         for (k, v) in &unique {
+            if old_unique.contains(&(k.clone(), v.clone())) {
+                continue;
+            }
             let mut key = unique_prefix(&collection, k, v);
             key.extend_from_slice(id.as_str().as_bytes());
             tx.put(Cf::Unique, key, Vec::new());
@@ -2413,7 +2432,9 @@ impl Store {
             }
         }
         for (f, t) in &refs {
-            tx.put(Cf::Refs, ref_key(t, id, f), Vec::new());
+            if !old_refs.contains(&(f.clone(), t.clone())) {
+                tx.put(Cf::Refs, ref_key(t, id, f), Vec::new());
+            }
         }
         // Keep what is held on the slot's meta (persisted by finish).
         let deleted = slot.rec.is_deleted();
@@ -2462,6 +2483,7 @@ impl Store {
         }
         // Subjects touched, from the state before and after.
         let mut subjects: BTreeSet<Subject> = BTreeSet::new();
+        let mut unmoved: BTreeSet<Subject> = BTreeSet::new();
         let mut before_unique: BTreeMap<RecordId, Vec<(String, String)>> = BTreeMap::new();
         for id in &dirty {
             if work.slots[id].fresh || !work.slots[id].stored {
@@ -2512,18 +2534,38 @@ impl Store {
                     }
                 }
             }
+            // A record that holds the same unique values it held before
+            // (so it is live as before) leaves each value's holders as they
+            // were: where no collision stands for the value, none can now.
+            let kept = !slot.forced
+                && before_unique.get(id).is_some_and(|b| {
+                    b.iter().collect::<BTreeSet<_>>() == meta.unique.iter().collect()
+                });
             for (key, value) in meta
                 .unique
                 .iter()
                 .chain(before_unique.get(id).into_iter().flatten())
             {
-                subjects.insert(Subject::Duplicate {
+                let subject = Subject::Duplicate {
                     collection: collection.clone(),
                     key: key.clone(),
                     value: value.clone(),
-                });
+                };
+                if kept {
+                    unmoved.insert(subject);
+                } else {
+                    subjects.insert(subject);
+                }
             }
         }
+        // Duplicate subjects only records that kept their values touch: the
+        // loop below skips those without a standing collision (checking
+        // them is a prefix scan each, the largest part of storing a batch
+        // of edits).
+        let unmoved: BTreeSet<Subject> = unmoved
+            .into_iter()
+            .filter(|s| subjects.insert(s.clone()))
+            .collect();
 
         // Forced writes record a "force" resolution of the duplicate they make.
         let forced: Vec<RecordId> = dirty
@@ -2582,8 +2624,14 @@ impl Store {
                 self.seq.to_be_bytes().to_vec(),
                 id.as_str().as_bytes().to_vec(),
             );
-            let presaved = slot.presaved.take();
             let doc = slot.rec.doc();
+            let (pre_snapshot, pre_chunk) = match slot.presaved.take() {
+                Some((heads, bytes)) if heads == doc.get_heads() => match bytes {
+                    Presaved::Snapshot(b) => (Some(b), None),
+                    Presaved::Chunk(b) => (None, Some(b)),
+                },
+                _ => (None, None),
+            };
             let is_new = meta.snap_len == 0;
             let compact = !is_new
                 && (meta.chunks + 1 >= self.opts.compact_after_chunks
@@ -2591,8 +2639,8 @@ impl Store {
                         > meta.snap_len.saturating_mul(self.opts.compact_bytes_factor));
             let mut snapshot = None;
             if is_new || compact {
-                let bytes = match presaved {
-                    Some((heads, bytes)) if is_new && heads == doc.get_heads() => bytes,
+                let bytes = match pre_snapshot {
+                    Some(bytes) if is_new => bytes,
                     _ => doc.save(),
                 };
                 // Compaction replaces chunks only when the snapshot loads.
@@ -2622,7 +2670,7 @@ impl Store {
                     tx.put(Cf::Snapshots, id.as_str().as_bytes().to_vec(), bytes);
                 }
                 None => {
-                    let chunk = doc.save_after(&slot.old_heads);
+                    let chunk = pre_chunk.unwrap_or_else(|| doc.save_after(&slot.old_heads));
                     meta.chunk_bytes += chunk.len() as u64;
                     meta.chunks += 1;
                     tx.put(Cf::Chunks, chunk_key(id, meta.next_chunk), chunk);
@@ -2689,6 +2737,9 @@ impl Store {
             let old = tx
                 .get(Cf::Subjects, &key)?
                 .map(|b| String::from_utf8_lossy(&b).into_owned());
+            if old.is_none() && unmoved.contains(subject) {
+                continue;
+            }
             let new = self.evaluate(work, &tx, subject)?;
             if let Some(old) = &old
                 && new.as_ref().map(|c| c.id.as_str()) != Some(old.as_str())
