@@ -2050,7 +2050,6 @@ impl Store {
                 .into_iter()
                 .map(|p| ((p.id, p.waiting_keys), p.job))
                 .unzip();
-
             let outcomes = par_map(self.opts.apply_threads, jobs, |job| {
                 attempt(&ctx, &empty, job)
             });
