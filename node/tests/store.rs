@@ -1257,6 +1257,7 @@ fn changes_of_many_records_are_those_of_each() {
         ));
     }
     let mut have = Vec::new();
+    let mut after_first = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         have.push(a.heads(id).unwrap());
         // Some records get appended chunks, a few of them several.
@@ -1264,6 +1265,9 @@ fn changes_of_many_records_are_those_of_each() {
             ca.advance(5);
             a.update(id, &f(json!({"city": format!("C{i}-{k}")})), None, false)
                 .unwrap();
+            if k == 0 {
+                after_first.push((i, a.heads(id).unwrap()));
+            }
         }
     }
     a.clear_cache();
@@ -1277,6 +1281,14 @@ fn changes_of_many_records_are_those_of_each() {
         .enumerate()
         .map(|(i, (id, h))| (id.clone(), if i % 3 == 0 { h.clone() } else { Vec::new() }))
         .collect();
+    // Peers part-way through a record's chunks, cached or not; one lists a
+    // change this store has never seen besides.
+    for (i, h) in &after_first {
+        wanted.push((ids[*i].clone(), h.clone()));
+    }
+    let mut foreign = after_first[0].1.clone();
+    foreign.push(automerge::ChangeHash([7; 32]));
+    wanted.push((ids[after_first[0].0].clone(), foreign));
     wanted.insert(40, (rid(4242), Vec::new()));
     let many = a.changes_for_many(&wanted).unwrap();
     assert_eq!(many.len(), wanted.len());
@@ -1292,6 +1304,12 @@ fn changes_of_many_records_are_those_of_each() {
         3,
         "record 3 from its first version: its updates"
     );
+    // Record 3 (not cached) from after its first update: the other two.
+    let from_mid = wanted
+        .iter()
+        .position(|(id, h)| id == &ids[3] && after_first.iter().any(|(i, m)| *i == 3 && m == h))
+        .unwrap();
+    assert_eq!(many[from_mid].len(), 2);
 }
 
 // ---------------------------------------------------------------------------
@@ -1368,6 +1386,94 @@ fn compaction_keeps_the_record() {
     let mut store = open(&path, nid(1), &ck, opts());
     assert_eq!(view(&mut store, &id).fields["phone"], json!("9"));
     check_invariants(&state(&mut store));
+}
+
+/// The type byte of the first Automerge chunk of a record's snapshot:
+/// 0 a saved document, 1 a change.
+fn snapshot_kind(store: &Store, id: &RecordId) -> u8 {
+    let snap = store
+        .kv()
+        .get(Cf::Snapshots, id.as_str().as_bytes())
+        .unwrap()
+        .expect("a snapshot");
+    assert_eq!(snap[..4], [0x85, 0x6f, 0x4a, 0x83], "an Automerge chunk");
+    snap[8]
+}
+
+#[test]
+fn a_new_record_is_stored_as_its_changes_and_served_whole_from_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = clock(13);
+    let opts = || StoreOptions {
+        compact_after_chunks: 4,
+        ..fast()
+    };
+    let mut a = open(&dir.path().join("a"), nid(1), &ck, opts());
+    let ids: Vec<RecordId> = (0..6)
+        .map(|i| {
+            create(
+                &mut a,
+                "contacts",
+                json!({"first_name": format!("P{i}"), "email": format!("p{i}@x.org")}),
+            )
+        })
+        .collect();
+    // Record 1 gets a chunk, record 2 enough updates to be compacted.
+    a.update(&ids[1], &f(json!({"city": "c"})), None, false)
+        .unwrap();
+    for k in 0..5 {
+        ck.advance(1);
+        a.update(&ids[2], &f(json!({"city": format!("c{k}")})), None, false)
+            .unwrap();
+    }
+    assert_eq!(snapshot_kind(&a, &ids[0]), 1, "a new record: its change");
+    assert_eq!(snapshot_kind(&a, &ids[1]), 1);
+    assert_eq!(snapshot_kind(&a, &ids[2]), 0, "compacted: a document");
+
+    // A peer with nothing is served every change, from storage or the
+    // cache alike, the same as the document gives them.
+    for cached in [false, true] {
+        a.clear_cache();
+        if cached {
+            for id in &ids {
+                a.get(id).unwrap();
+            }
+        }
+        let wanted: Vec<_> = ids.iter().map(|id| (id.clone(), Vec::new())).collect();
+        let many = a.changes_for_many(&wanted).unwrap();
+        for (id, got) in ids.iter().zip(&many) {
+            assert_eq!(got, &a.changes_for(id, &[]).unwrap(), "{id}");
+        }
+        assert_eq!(many[0].len(), 1);
+        assert_eq!(many[1].len(), 2);
+        assert_eq!(many[2].len(), 6);
+    }
+
+    // A node that gets them from a peer stores them as changes too, loads
+    // them back after a restart and serves them on.
+    let cb = clock(14);
+    let path_b = dir.path().join("b");
+    let mut b = open(&path_b, nid(2), &cb, opts());
+    let batch: Vec<_> = ids
+        .iter()
+        .map(|id| (id.clone(), a.changes_for(id, &[]).unwrap()))
+        .collect();
+    let report = b.apply_remote(batch).unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    for id in &ids {
+        assert_eq!(snapshot_kind(&b, id), 1, "{id}: stored as its changes");
+    }
+    drop(b);
+    let mut b = open(&path_b, nid(2), &cb, opts());
+    for id in &ids {
+        let (vb, va) = (view(&mut b, id), view(&mut a, id));
+        assert_eq!((vb.fields, vb.heads), (va.fields, va.heads));
+        assert_eq!(
+            b.changes_for(id, &[]).unwrap().len(),
+            a.changes_for(id, &[]).unwrap().len()
+        );
+    }
+    check_invariants(&state(&mut b));
 }
 
 // ---------------------------------------------------------------------------

@@ -384,6 +384,114 @@ fn id_prefix(id: &RecordId) -> Vec<u8> {
     key2(id.as_str().as_bytes(), b"")
 }
 
+/// First byte of a stored chunk that names its base: the record's heads
+/// before the chunk's changes (an Automerge chunk starts with `0x85`).
+const CHUNK_WITH_BASE: u8 = 1;
+
+/// A chunk as stored: `CHUNK_WITH_BASE`, the number of base heads, the
+/// heads (32 bytes each, sorted), then the changes (`save_after(base)`).
+fn encode_chunk(base: &[ChangeHash], changes: &[u8]) -> Vec<u8> {
+    let mut base: Vec<ChangeHash> = base.to_vec();
+    base.sort_unstable();
+    base.dedup();
+    // A record has a handful of heads; more than a byte counts is never
+    // written, and a chunk without a base is still read correctly.
+    if base.len() > u8::MAX as usize {
+        return changes.to_vec();
+    }
+    let mut out = Vec::with_capacity(2 + 32 * base.len() + changes.len());
+    out.push(CHUNK_WITH_BASE);
+    out.push(base.len() as u8);
+    for h in &base {
+        out.extend_from_slice(&h.0);
+    }
+    out.extend_from_slice(changes);
+    out
+}
+
+/// A stored chunk's base heads (sorted; `None` for a chunk stored without
+/// them) and its changes.
+fn decode_chunk(stored: &[u8]) -> Result<(Option<Vec<ChangeHash>>, &[u8])> {
+    if stored.first() != Some(&CHUNK_WITH_BASE) {
+        return Ok((None, stored));
+    }
+    let bad = || Error::Corrupt("stored chunk: truncated base heads".into());
+    let n = *stored.get(1).ok_or_else(bad)? as usize;
+    let end = 2 + 32 * n;
+    let heads = stored.get(2..end).ok_or_else(bad)?;
+    let base = heads
+        .chunks_exact(32)
+        .map(|h| ChangeHash::try_from(h).map_err(|_| bad()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((Some(base), &stored[end..]))
+}
+
+/// Every change of a record whose snapshot is still the changes it was
+/// first stored as (not a saved document), with those of its chunks.
+/// `None` for a record stored as a document.
+fn all_changes(snapshot: &[u8], chunks: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    let mut out = split_changes(snapshot)?;
+    for c in chunks {
+        let (_, changes) = decode_chunk(c).ok()?;
+        out.extend(split_changes(changes)?);
+    }
+    Some(out)
+}
+
+/// Splits concatenated Automerge change chunks (what `save_after` returns)
+/// into the bytes of each change, by their headers alone: magic bytes,
+/// checksum, chunk type, LEB128 length. `None` for anything else (a
+/// document chunk, a bundle, bytes that do not parse).
+fn split_changes(mut bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.get(..4)? != MAGIC {
+            return None;
+        }
+        // 1: a change, 2: a compressed change.
+        if !matches!(bytes.get(8)?, 1 | 2) {
+            return None;
+        }
+        let mut len: u64 = 0;
+        let mut at = 9;
+        for shift in (0..64).step_by(7) {
+            let b = *bytes.get(at)?;
+            at += 1;
+            len |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if shift >= 56 {
+                return None;
+            }
+        }
+        let end = at.checked_add(usize::try_from(len).ok()?)?;
+        out.push(bytes.get(..end)?.to_vec());
+        bytes = &bytes[end..];
+    }
+    Some(out)
+}
+
+/// The changes a peer that has exactly `have` lacks, from a record's stored
+/// chunks without loading its document: every change after the chunk whose
+/// base is `have` (a document whose heads are `have` holds exactly what the
+/// record held before that chunk). `None` when no chunk starts there.
+fn changes_after_base(chunks: &[Vec<u8>], have: &[ChangeHash]) -> Option<Vec<Vec<u8>>> {
+    let mut have = have.to_vec();
+    have.sort_unstable();
+    have.dedup();
+    let from = chunks
+        .iter()
+        .position(|c| matches!(decode_chunk(c), Ok((Some(base), _)) if base == have))?;
+    let mut out = Vec::new();
+    for c in &chunks[from..] {
+        let (_, changes) = decode_chunk(c).ok()?;
+        out.extend(split_changes(changes)?);
+    }
+    Some(out)
+}
+
 /// What a collision is about; one open collision at most stands for it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Subject {
@@ -705,7 +813,8 @@ fn load_stored(
         || -> std::result::Result<Automerge, String> {
             let mut doc = Automerge::load(snap).map_err(|e| e.to_string())?;
             for c in chunks {
-                doc.load_incremental(c).map_err(|e| e.to_string())?;
+                let (_, changes) = decode_chunk(c).map_err(|e| e.to_string())?;
+                doc.load_incremental(changes).map_err(|e| e.to_string())?;
             }
             Ok(doc)
         },
@@ -785,7 +894,7 @@ fn try_changes(
         std::process::abort();
     }
     let applied = catch_unwind(AssertUnwindSafe(
-        || -> std::result::Result<(Automerge, BTreeSet<ChangeHash>), String> {
+        || -> std::result::Result<(Automerge, BTreeSet<ChangeHash>, Vec<Change>), String> {
             copy.apply_changes(fresh.clone())
                 .map_err(|e| e.to_string())?;
             // A document that accepted bad input can disagree with itself:
@@ -796,18 +905,15 @@ fn try_changes(
                 .iter()
                 .map(|m| m.hash)
                 .collect();
-            let full: BTreeSet<ChangeHash> = copy
-                .get_changes(&old_heads)
-                .iter()
-                .map(|c| c.hash())
-                .collect();
+            let rebuilt = copy.get_changes(&old_heads);
+            let full: BTreeSet<ChangeHash> = rebuilt.iter().map(|c| c.hash()).collect();
             if meta != full {
                 return Err("document inconsistent after applying".into());
             }
-            Ok((copy, meta))
+            Ok((copy, meta, rebuilt))
         },
     ));
-    let (doc, added) = match applied {
+    let (doc, added, rebuilt) = match applied {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => return Tried::Rejected(e),
         Err(_) => return Tried::Rejected("automerge panicked applying the changes".into()),
@@ -849,10 +955,18 @@ fn try_changes(
         }
         unique = Some(values);
         let heads = rec.heads();
+        // What `save_after(old_heads)` returns, from the changes the check
+        // above rebuilt (saving would rebuild them again): for a record new
+        // here, all of its changes, its first stored form (see `finish`).
+        let changes = rebuilt
+            .iter()
+            .flat_map(|c| c.raw_bytes())
+            .copied()
+            .collect();
         let bytes = if known {
-            Presaved::Chunk(rec.doc().save_after(&old_heads))
+            Presaved::Chunk(changes)
         } else {
-            Presaved::Snapshot(rec.doc().save())
+            Presaved::Snapshot(changes)
         };
         presaved = Some((heads.clone(), bytes));
         resolutions = Some((heads, rec.resolutions()));
@@ -1116,10 +1230,18 @@ impl Store {
 
     /// A record's stored bytes: its snapshot, and the chunks appended since.
     fn read_stored(&self, id: &RecordId, meta: &RecordMeta) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
-        let snap = self
-            .kv
+        Ok((self.read_snapshot(id)?, self.read_chunks(id, meta)?))
+    }
+
+    fn read_snapshot(&self, id: &RecordId) -> Result<Vec<u8>> {
+        self.kv
             .get(Cf::Snapshots, id.as_str().as_bytes())?
-            .ok_or_else(|| Error::Corrupt(format!("{id}: snapshot missing")))?;
+            .ok_or_else(|| Error::Corrupt(format!("{id}: snapshot missing")))
+    }
+
+    /// A record's chunks appended since its snapshot, in order (as stored:
+    /// see [`decode_chunk`]).
+    fn read_chunks(&self, id: &RecordId, meta: &RecordMeta) -> Result<Vec<Vec<u8>>> {
         let mut chunks = Vec::new();
         // The metadata counts them; most records have none, and a scan
         // costs an iterator. (A count that is wrong shows as heads that do
@@ -1131,7 +1253,7 @@ impl Store {
                     true
                 })?;
         }
-        Ok((snap, chunks))
+        Ok(chunks)
     }
 
     /// Takes a record into the working set (from the cache or storage).
@@ -1443,15 +1565,34 @@ impl Store {
         let tx = Tx::new(self.kv.clone());
         let mut sources = Vec::with_capacity(wanted.len());
         for (id, have) in wanted {
-            let source = match self.meta(&tx, id)? {
-                None => Source::Done(Vec::new()),
-                Some(meta) => match self.cache.peek(id) {
-                    Some(rec) => Source::Done(changes_missing(rec, have)),
-                    None => {
-                        let (snap, chunks) = self.read_stored(id, &meta)?;
-                        Source::Stored(meta, snap, chunks)
+            let Some(meta) = self.meta(&tx, id)? else {
+                sources.push((id, have, Source::Done(Vec::new())));
+                continue;
+            };
+            // A peer behind by the last few chunks (the usual fetch) is
+            // served from them, and a peer that has none of a record still
+            // stored as its changes from those: no document is loaded or
+            // taken apart.
+            let chunks = self.read_chunks(id, &meta)?;
+            if let Some(changes) = changes_after_base(&chunks, have) {
+                sources.push((id, have, Source::Done(changes)));
+                continue;
+            }
+            let source = match self.cache.peek(id) {
+                Some(rec) if !have.is_empty() => Source::Done(changes_missing(rec, have)),
+                cached => {
+                    let snap = self.read_snapshot(id)?;
+                    let whole = if have.is_empty() {
+                        all_changes(&snap, &chunks)
+                    } else {
+                        None
+                    };
+                    match (whole, cached) {
+                        (Some(changes), _) => Source::Done(changes),
+                        (None, Some(rec)) => Source::Done(changes_missing(rec, have)),
+                        (None, None) => Source::Stored(meta, snap, chunks),
                     }
-                },
+                }
             };
             sources.push((id, have, source));
         }
@@ -2638,8 +2779,13 @@ impl Store {
                         > meta.snap_len.saturating_mul(self.opts.compact_bytes_factor));
             let mut snapshot = None;
             if is_new || compact {
+                // A new record is first stored as its changes, not as a
+                // document: a peer's full sync is then served from them
+                // without loading the record (see `Store::changes_for_many`),
+                // and a document is saved when compaction comes due.
                 let bytes = match pre_snapshot {
                     Some(bytes) if is_new => bytes,
+                    _ if is_new => doc.save_after(&[]),
                     _ => doc.save(),
                 };
                 // Compaction replaces chunks only when the snapshot loads.
@@ -2672,7 +2818,11 @@ impl Store {
                     let chunk = pre_chunk.unwrap_or_else(|| doc.save_after(&slot.old_heads));
                     meta.chunk_bytes += chunk.len() as u64;
                     meta.chunks += 1;
-                    tx.put(Cf::Chunks, chunk_key(id, meta.next_chunk), chunk);
+                    tx.put(
+                        Cf::Chunks,
+                        chunk_key(id, meta.next_chunk),
+                        encode_chunk(&slot.old_heads, &chunk),
+                    );
                     meta.next_chunk += 1;
                 }
             }
@@ -3066,5 +3216,122 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// A document with a linear history and a concurrent branch merged in,
+    /// saved as `finish` does it: a chunk after each step, with its base.
+    fn chunked_history() -> (Automerge, Vec<Vec<u8>>, Vec<Vec<ChangeHash>>) {
+        use automerge::transaction::Transactable;
+        let mut doc = Automerge::new().with_actor(automerge::ActorId::from([1u8; 16]));
+        let mut chunks = Vec::new();
+        let mut bases = Vec::new();
+        for step in 0..6u8 {
+            let base = doc.get_heads();
+            if step == 3 {
+                // Two changes of another site, concurrent with this one's.
+                let mut other = doc.fork().with_actor(automerge::ActorId::from([2u8; 16]));
+                for k in 0..2 {
+                    let mut tx = other.transaction();
+                    tx.put(ROOT, format!("o{k}"), i64::from(k)).unwrap();
+                    tx.commit();
+                }
+                let mut tx = doc.transaction();
+                tx.put(ROOT, "mine", "x").unwrap();
+                tx.commit();
+                doc.merge(&mut other).unwrap();
+            } else {
+                let mut tx = doc.transaction();
+                tx.put(ROOT, format!("k{step}"), i64::from(step)).unwrap();
+                tx.commit();
+            }
+            chunks.push(encode_chunk(&base, &doc.save_after(&base)));
+            bases.push(base);
+        }
+        (doc, chunks, bases)
+    }
+
+    fn hashes(changes: &[Vec<u8>]) -> BTreeSet<ChangeHash> {
+        changes
+            .iter()
+            .map(|b| Change::from_bytes(b.clone()).unwrap().hash())
+            .collect()
+    }
+
+    #[test]
+    fn a_peer_at_a_chunks_base_is_served_exactly_what_it_lacks_from_the_chunks() {
+        let (doc, chunks, bases) = chunked_history();
+        for (k, base) in bases.iter().enumerate() {
+            let mut have = base.clone();
+            have.reverse(); // the order a peer lists its heads in is not ours
+            let served = changes_after_base(&chunks, &have)
+                .unwrap_or_else(|| panic!("chunk {k} starts at its base"));
+            let want: BTreeSet<ChangeHash> =
+                doc.get_changes(base).iter().map(|c| c.hash()).collect();
+            assert_eq!(hashes(&served), want, "from chunk {k}");
+            assert_eq!(served.len(), want.len(), "from chunk {k}: no change twice");
+        }
+        // Heads that start no chunk: the document must answer.
+        assert!(changes_after_base(&chunks, &doc.get_heads()).is_none());
+        let mut foreign = bases[2].clone();
+        foreign.push(ChangeHash([9; 32]));
+        assert!(changes_after_base(&chunks, &foreign).is_none());
+        // A chunk stored without its base (as before bases were kept) serves
+        // nothing from itself, but a later chunk still does.
+        let mut old = chunks.clone();
+        old[1] = decode_chunk(&chunks[1]).unwrap().1.to_vec();
+        assert!(changes_after_base(&old, &bases[1]).is_none());
+        assert_eq!(
+            hashes(&changes_after_base(&old, &bases[4]).unwrap()),
+            doc.get_changes(&bases[4])
+                .iter()
+                .map(|c| c.hash())
+                .collect()
+        );
+    }
+
+    #[test]
+    fn chunks_with_and_without_their_base_load_into_the_same_document() {
+        let (doc, chunks, _) = chunked_history();
+        let m = RecordMeta {
+            heads: heads_to_hex(&doc.get_heads()),
+            ..meta()
+        };
+        let id = RecordId::parse("00000000-0000-4000-8000-000000000007").unwrap();
+        let node = NodeId([3; 16]);
+        let with = load_stored(node, &id, &m, &[], &chunks).unwrap();
+        let raw: Vec<Vec<u8>> = chunks
+            .iter()
+            .map(|c| decode_chunk(c).unwrap().1.to_vec())
+            .collect();
+        let without = load_stored(node, &id, &m, &[], &raw).unwrap();
+        assert_eq!(with.heads(), doc.get_heads());
+        assert_eq!(without.heads(), doc.get_heads());
+    }
+
+    #[test]
+    fn damaged_chunks_are_errors_or_unsplittable_never_panics() {
+        let (_, chunks, bases) = chunked_history();
+        let c = &chunks[2];
+        for cut in 0..c.len() {
+            let part = &c[..cut];
+            if let Ok((_, changes)) = decode_chunk(part) {
+                let _ = split_changes(changes);
+            }
+        }
+        assert!(decode_chunk(&[CHUNK_WITH_BASE, 2, 7]).is_err());
+        // A document chunk is not split into changes.
+        let mut doc = Automerge::new();
+        {
+            use automerge::transaction::Transactable;
+            let mut tx = doc.transaction();
+            tx.put(ROOT, "a", 1).unwrap();
+            tx.commit();
+        }
+        assert!(split_changes(&doc.save()).is_none());
+        assert!(split_changes(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 0xff]).is_none());
+        let mut bad = chunks.clone();
+        let n = bad[3].len();
+        bad[3].truncate(n - 1);
+        assert!(changes_after_base(&bad, &bases[3]).is_none());
     }
 }
