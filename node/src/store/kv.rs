@@ -280,7 +280,15 @@ impl Kv for RocksKv {
     }
 
     fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
-        let mut wb = rocksdb::WriteBatch::default();
+        // Sized up front: a batch of a thousand records is megabytes, and
+        // growing it as it fills copies it over and over. Per op: a tag, the
+        // family and two lengths (varints of up to 5 bytes), key, value.
+        let bytes = 12
+            + batch
+                .iter()
+                .map(|(_, k, v)| 16 + k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>();
+        let mut wb = rocksdb::WriteBatch::with_capacity_bytes(bytes);
         for (cf, k, v) in batch {
             let h = self.cf(cf)?;
             match v {
