@@ -2206,7 +2206,7 @@ impl Store {
                 )?;
             }
             report.records_changed = work.slots.values().filter(|s| s.dirty).count();
-            self.finish(&mut work, tx)
+            self.finish_remote(&mut work, tx)
         })();
         if result.is_err() {
             // The batch did not land, and not because the process died: the
@@ -2611,7 +2611,31 @@ impl Store {
 
     /// Persists dirty records (document bytes, feed), re-evaluates the
     /// collisions their change can affect, and commits everything as one batch.
-    fn finish(&mut self, work: &mut Work, mut tx: Tx) -> Result<()> {
+    fn finish(&mut self, work: &mut Work, tx: Tx) -> Result<()> {
+        self.prepare_commit(work, tx)?.commit()
+    }
+
+    /// [`Store::finish`] for a remote batch, which needs nothing of its
+    /// working set afterwards when it is large (it is not cached: see
+    /// `settle`): its documents, a few microseconds each to free, are freed
+    /// while the batch is written on another thread.
+    fn finish_remote(&mut self, work: &mut Work, tx: Tx) -> Result<()> {
+        let tx = self.prepare_commit(work, tx)?;
+        if work.slots.len() <= CACHE_MAX_PER_OPERATION {
+            return tx.commit();
+        }
+        let slots = std::mem::take(&mut work.slots);
+        std::thread::scope(|scope| {
+            let write = scope.spawn(move || tx.commit());
+            drop(slots);
+            write
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// Everything [`Store::finish`] does but the commit: the batch to write.
+    fn prepare_commit(&mut self, work: &mut Work, mut tx: Tx) -> Result<Tx> {
         let dirty: Vec<RecordId> = work
             .slots
             .iter()
@@ -2619,7 +2643,7 @@ impl Store {
             .map(|(k, _)| k.clone())
             .collect();
         if dirty.is_empty() {
-            return tx.commit();
+            return Ok(tx);
         }
         // Subjects touched, from the state before and after.
         let mut subjects: BTreeSet<Subject> = BTreeSet::new();
@@ -2920,7 +2944,7 @@ impl Store {
                 }
             }
         }
-        tx.commit()
+        Ok(tx)
     }
 
     fn put_collision(&self, tx: &mut Tx, c: &Collision, old: Option<&Collision>) {
