@@ -15,9 +15,11 @@ pub enum Cf {
     Meta,
     /// Record id → record metadata (collection, feed seq, index entries held).
     Records,
-    /// Record id → compacted Automerge snapshot.
+    /// Record id → the record's first stored form (its changes) or, once
+    /// compacted, a saved Automerge document.
     Snapshots,
-    /// Record id + chunk number → appended incremental change chunk.
+    /// Record id + chunk number → appended changes, after the heads they
+    /// were appended to (see `encode_chunk` in the store).
     Chunks,
     /// collection, key, normalized value, record id → (): live holders.
     Unique,

@@ -431,6 +431,13 @@ fn decode_chunk(stored: &[u8]) -> Result<(Option<Vec<ChangeHash>>, &[u8])> {
 /// `None` for a record stored as a document.
 fn all_changes(snapshot: &[u8], chunks: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
     let mut out = split_changes(snapshot)?;
+    out.extend(changes_of_chunks(chunks)?);
+    Some(out)
+}
+
+/// The changes of stored chunks, in order.
+fn changes_of_chunks(chunks: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
     for c in chunks {
         let (_, changes) = decode_chunk(c).ok()?;
         out.extend(split_changes(changes)?);
@@ -484,12 +491,7 @@ fn changes_after_base(chunks: &[Vec<u8>], have: &[ChangeHash]) -> Option<Vec<Vec
     let from = chunks
         .iter()
         .position(|c| matches!(decode_chunk(c), Ok((Some(base), _)) if base == have))?;
-    let mut out = Vec::new();
-    for c in &chunks[from..] {
-        let (_, changes) = decode_chunk(c).ok()?;
-        out.extend(split_changes(changes)?);
-    }
-    Some(out)
+    changes_of_chunks(&chunks[from..])
 }
 
 /// What a collision is about; one open collision at most stands for it.
@@ -632,7 +634,8 @@ impl Slot {
 
 /// A record's bytes to store, saved on a worker while its batch was tried.
 enum Presaved {
-    /// A record new to this store: its first snapshot.
+    /// A record new to this store: its first stored form, its changes
+    /// (`save_after` of no heads; see `finish`).
     Snapshot(Vec<u8>),
     /// A record the store held: the chunk of the changes since it was taken
     /// (`save_after` its heads then), unless it is compacted instead.
@@ -937,8 +940,8 @@ fn try_changes(
     // What storing the record will need, computed here while other threads
     // do the same for other records: its unique values, its resolution
     // entries, and its bytes (for a record new to this store, kept here,
-    // with its identity, its first snapshot; for one the store held, the
-    // chunk of the new changes).
+    // with its identity, its changes; for one the store held, the chunk of
+    // the new changes).
     let mut presaved = None;
     let mut unique = None;
     let mut resolutions = None;
