@@ -764,43 +764,118 @@ pub const PARALLEL_APPLY_MIN_PER_THREAD: usize = 16;
 /// one included): fewer for few items (see
 /// [`PARALLEL_APPLY_MIN_PER_THREAD`]), one thread for under 32.
 fn par_map<T: Send, R: Send>(threads: usize, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let mut out = Vec::with_capacity(items.len());
+    let taken: std::result::Result<(), std::convert::Infallible> =
+        par_each(threads, items, f, |r| {
+            out.push(r);
+            Ok(())
+        });
+    match taken {
+        Ok(()) => out,
+    }
+}
+
+/// `f` of every item on up to `threads` threads (the calling one included;
+/// fewer for few items, see [`PARALLEL_APPLY_MIN_PER_THREAD`]), each result
+/// handed to `take` in item order as soon as it and every one before it are
+/// done. The calling thread takes results while the others go on, and runs
+/// items itself while the next result is not ready: work that must be done
+/// in order on one thread overlaps the rest. The first error of `take`
+/// stops the items not yet started and is returned.
+fn par_each<T: Send, R: Send, E>(
+    threads: usize,
+    items: Vec<T>,
+    f: impl Fn(T) -> R + Sync,
+    mut take: impl FnMut(R) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{TryRecvError, channel};
     let threads = threads
         .min(items.len() / PARALLEL_APPLY_MIN_PER_THREAD)
         .max(1);
     if threads == 1 {
-        return items.into_iter().map(f).collect();
+        for item in items {
+            take(f(item))?;
+        }
+        return Ok(());
     }
     let n = items.len();
-    // Round robin: neighbouring items (records) are alike in size.
-    let mut shares: Vec<Vec<(usize, T)>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, item) in items.into_iter().enumerate() {
-        shares[i % threads].push((i, item));
-    }
-    let run = |share: Vec<(usize, T)>| -> Vec<(usize, R)> {
-        share.into_iter().map(|(i, item)| (i, f(item))).collect()
+    // Items are claimed in order, by whichever thread is free.
+    let jobs: Vec<std::sync::Mutex<Option<T>>> = items
+        .into_iter()
+        .map(|t| std::sync::Mutex::new(Some(t)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let claim = || -> Option<(usize, T)> {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let job = jobs.get(i)?;
+        let item = job
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each item is claimed once");
+        Some((i, item))
     };
-    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
-    let mine = shares.pop().expect("at least two shares");
+    let (claim, f) = (&claim, &f);
+    let mut done: Vec<Option<R>> = (0..n).map(|_| None).collect();
     std::thread::scope(|scope| {
-        let handles: Vec<_> = shares
-            .into_iter()
-            .map(|share| scope.spawn(|| run(share)))
+        let (send, recv) = channel::<(usize, R)>();
+        let handles: Vec<_> = (1..threads)
+            .map(|_| {
+                let send = send.clone();
+                scope.spawn(move || {
+                    while let Some((i, item)) = claim() {
+                        if send.send((i, f(item))).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
             .collect();
-        for (i, r) in run(mine) {
-            out[i] = Some(r);
-        }
-        for h in handles {
-            // A panic outside the per-item guards is a bug of ours, not a
-            // peer's input: it propagates as it would on one thread.
-            let done = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-            for (i, r) in done {
-                out[i] = Some(r);
+        drop(send);
+        let mut taken = 0;
+        let outcome = loop {
+            if taken == n {
+                break Ok(());
             }
-        }
-    });
-    out.into_iter()
-        .map(|r| r.expect("every item ran"))
-        .collect()
+            if let Some(r) = done[taken].take() {
+                if let Err(e) = take(r) {
+                    break Err(e);
+                }
+                taken += 1;
+                continue;
+            }
+            match recv.try_recv() {
+                Ok((i, r)) => {
+                    done[i] = Some(r);
+                    continue;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+            }
+            if let Some((i, item)) = claim() {
+                done[i] = Some(f(item));
+                continue;
+            }
+            match recv.recv() {
+                Ok((i, r)) => done[i] = Some(r),
+                Err(_) => {
+                    // Every other thread is gone with results missing: one
+                    // panicked, a bug of ours rather than a peer's input
+                    // (those are caught per item). It propagates as it
+                    // would on one thread.
+                    for h in handles {
+                        if let Err(e) = h.join() {
+                            std::panic::resume_unwind(e);
+                        }
+                    }
+                    unreachable!("a result is missing but no thread failed");
+                }
+            }
+        };
+        // After an error, the items not started are not run.
+        next.store(n, Ordering::Relaxed);
+        outcome
+    })
 }
 
 /// A record from its stored bytes, checked against its metadata's heads,
@@ -2194,20 +2269,26 @@ impl Store {
                 .into_iter()
                 .map(|p| ((p.id, p.waiting_keys), p.job))
                 .unzip();
-            let outcomes = par_map(self.opts.apply_threads, jobs, |job| {
-                attempt(&ctx, &empty, job)
-            });
-            for (kept, outcome) in kept.into_iter().zip(outcomes) {
-                self.take_attempt(
-                    &mut work,
-                    &mut tx,
-                    kept,
-                    outcome?,
-                    collections,
-                    peer,
-                    &mut report,
-                )?;
-            }
+            // Each outcome is taken (in batch order, on this thread) as soon
+            // as it is ready, while the other threads try the next records.
+            let mut kept = kept.into_iter();
+            par_each(
+                self.opts.apply_threads,
+                jobs,
+                |job| attempt(&ctx, &empty, job),
+                |outcome| {
+                    let kept = kept.next().expect("one kept entry per job");
+                    self.take_attempt(
+                        &mut work,
+                        &mut tx,
+                        kept,
+                        outcome?,
+                        collections,
+                        peer,
+                        &mut report,
+                    )
+                },
+            )?;
             report.records_changed = work.slots.values().filter(|s| s.dirty).count();
             self.finish_remote(&mut work, tx)
         })();
@@ -3196,6 +3277,87 @@ pub fn parse_change(bytes: Vec<u8>) -> std::result::Result<Change, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn par_each_hands_over_every_result_once_in_item_order() {
+        for threads in [1, 2, 4] {
+            for n in [0, 5, 31, 32, 100, 1000] {
+                let calls = AtomicUsize::new(0);
+                let mut taken = Vec::new();
+                let done: std::result::Result<(), ()> = par_each(
+                    threads,
+                    (0..n).collect(),
+                    |i: usize| {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        // Uneven work, so results finish out of order.
+                        if i.is_multiple_of(7) {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                        i * 3
+                    },
+                    |r| {
+                        taken.push(r);
+                        Ok(())
+                    },
+                );
+                assert_eq!(done, Ok(()));
+                assert_eq!(taken, (0..n).map(|i| i * 3).collect::<Vec<_>>());
+                assert_eq!(
+                    calls.load(Ordering::Relaxed),
+                    n,
+                    "{threads} threads, {n} items"
+                );
+            }
+        }
+        let mapped = par_map(3, (0..500).collect(), |i: u32| i + 1);
+        assert_eq!(mapped, (1..=500).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn par_each_stops_at_the_first_error_of_take() {
+        let n = 1000;
+        let calls = AtomicUsize::new(0);
+        let mut taken = 0;
+        let done = par_each(
+            2,
+            (0..n).collect(),
+            |i: usize| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                if i > 0 {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                i
+            },
+            |r| {
+                taken += 1;
+                if r == 0 { Err("refused") } else { Ok(()) }
+            },
+        );
+        assert_eq!(done, Err("refused"));
+        assert_eq!(taken, 1, "nothing is taken after an error");
+        // Item 0 is done at once; the others take 10 ms each, so only the
+        // few started before the error ran (not the 999 left).
+        let ran = calls.load(Ordering::Relaxed);
+        assert!(ran < 50, "{ran} items ran after the first result failed");
+    }
+
+    #[test]
+    #[should_panic(expected = "a bug in an item")]
+    fn a_panic_in_an_item_propagates_with_its_message() {
+        let _ = par_each(
+            2,
+            (0..200).collect(),
+            |i: usize| {
+                if i == 150 {
+                    panic!("a bug in an item");
+                }
+                i
+            },
+            |_| -> std::result::Result<(), ()> { Ok(()) },
+        );
+    }
 
     fn meta() -> RecordMeta {
         RecordMeta {
