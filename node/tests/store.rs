@@ -1476,6 +1476,97 @@ fn a_new_record_is_stored_as_its_changes_and_served_whole_from_them() {
     check_invariants(&state(&mut b));
 }
 
+#[test]
+fn stored_changes_cut_short_are_never_served_as_a_record_s_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cb) = (clock(15), clock(16));
+    let mut a = open(&dir.path().join("a"), nid(1), &ca, fast());
+    let mut b = open(&dir.path().join("b"), nid(2), &cb, fast());
+    let r1 = create(&mut a, "contacts", json!({"first_name": "One"}));
+    let r2 = create(&mut a, "contacts", json!({"first_name": "Two"}));
+    for k in 0..2 {
+        ca.advance(1);
+        for id in [&r1, &r2] {
+            a.update(id, &f(json!({"city": format!("c{k}")})), None, false)
+                .unwrap();
+        }
+    }
+    // B takes each record's three changes in one batch: its first stored
+    // form holds all three.
+    let all = |a: &mut Store, id: &RecordId| a.changes_for(id, &[]).unwrap();
+    let batch = vec![
+        (r1.clone(), all(&mut a, &r1)),
+        (r2.clone(), all(&mut a, &r2)),
+    ];
+    assert!(b.apply_remote(batch).unwrap().rejected.is_empty());
+    let base = b.heads(&r2).unwrap();
+    // Two more changes of r2 land on B as one chunk, whose base is `base`.
+    for k in 2..4 {
+        ca.advance(1);
+        a.update(&r2, &f(json!({"city": format!("c{k}")})), None, false)
+            .unwrap();
+    }
+    let newer = a.changes_for(&r2, &base).unwrap();
+    assert_eq!(newer.len(), 2);
+    assert!(
+        b.apply_remote(vec![(r2.clone(), newer.clone())])
+            .unwrap()
+            .rejected
+            .is_empty()
+    );
+    b.clear_cache();
+    let wanted = vec![(r1.clone(), Vec::new()), (r2.clone(), base.clone())];
+    let served = b.changes_for_many(&wanted).unwrap();
+    assert_eq!(served[0].len(), 3);
+    assert_eq!(served[1], newer, "served from the chunk at B's heads");
+
+    // Cut r1's stored changes short at a change boundary (the last change
+    // dropped): serving them must not pass for r1's whole history.
+    let key = r1.as_str().as_bytes().to_vec();
+    let snap = b.kv().get(Cf::Snapshots, &key).unwrap().unwrap();
+    let last = served[0].last().unwrap().len();
+    let cut = snap[..snap.len() - last].to_vec();
+    b.kv()
+        .write(vec![(Cf::Snapshots, key.clone(), Some(cut))])
+        .unwrap();
+    b.clear_cache();
+    let got = b.changes_for_many(&[(r1.clone(), Vec::new())]);
+    assert!(
+        matches!(got, Err(Error::Corrupt(_))),
+        "a shortened history was served: {got:?}"
+    );
+    b.kv()
+        .write(vec![(Cf::Snapshots, key, Some(snap))])
+        .unwrap();
+    assert_eq!(
+        b.changes_for_many(&[(r1.clone(), Vec::new())]).unwrap()[0].len(),
+        3
+    );
+
+    // The same for r2's chunk: its second change dropped.
+    let mut chunk_key = None;
+    b.kv()
+        .scan(Cf::Chunks, b"", b"", &mut |k, _| {
+            chunk_key = Some(k.to_vec());
+            false
+        })
+        .unwrap();
+    let chunk_key = chunk_key.expect("r2 has a chunk");
+    let chunk = b.kv().get(Cf::Chunks, &chunk_key).unwrap().unwrap();
+    let cut = chunk[..chunk.len() - newer[1].len()].to_vec();
+    b.kv()
+        .write(vec![(Cf::Chunks, chunk_key, Some(cut))])
+        .unwrap();
+    b.clear_cache();
+    for have in [base, Vec::new()] {
+        let got = b.changes_for_many(&[(r2.clone(), have)]);
+        assert!(
+            matches!(got, Err(Error::Corrupt(_))),
+            "a shortened history was served: {got:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 8. Property: any sequence of operations survives close and reopen.
 

@@ -435,6 +435,22 @@ fn all_changes(snapshot: &[u8], chunks: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
+/// Whether a record's stored chunks are all there and whole, as its
+/// metadata counts them: their number, and the bytes of their changes.
+/// Serving a peer from the stored changes relies on it, since splitting
+/// them checks no heads (loading does): a chunk cut short at a change
+/// boundary, or one missing, would otherwise be served as a shorter history.
+fn chunks_as_counted(meta: &RecordMeta, chunks: &[Vec<u8>]) -> bool {
+    let mut bytes = 0u64;
+    for c in chunks {
+        match decode_chunk(c) {
+            Ok((_, changes)) => bytes += changes.len() as u64,
+            Err(_) => return false,
+        }
+    }
+    chunks.len() == meta.chunks as usize && bytes == meta.chunk_bytes
+}
+
 /// The changes of stored chunks, in order.
 fn changes_of_chunks(chunks: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
     let mut out = Vec::new();
@@ -1651,8 +1667,11 @@ impl Store {
             // served from them, and a peer that has none of a record still
             // stored as its changes from those: no document is loaded or
             // taken apart.
+            // Stored bytes that are not what the metadata counts are
+            // served only by loading them, which checks the heads.
             let chunks = self.read_chunks(id, &meta)?;
-            if let Some(changes) = changes_after_base(&chunks, have) {
+            let counted = chunks_as_counted(&meta, &chunks);
+            if counted && let Some(changes) = changes_after_base(&chunks, have) {
                 sources.push((id, have, Source::Done(changes)));
                 continue;
             }
@@ -1660,7 +1679,8 @@ impl Store {
                 Some(rec) if !have.is_empty() => Source::Done(changes_missing(rec, have)),
                 cached => {
                     let snap = self.read_snapshot(id)?;
-                    let whole = if have.is_empty() {
+                    let whole = if have.is_empty() && counted && snap.len() as u64 == meta.snap_len
+                    {
                         all_changes(&snap, &chunks)
                     } else {
                         None
