@@ -781,14 +781,11 @@ pub const PARALLEL_APPLY_MIN_PER_THREAD: usize = 16;
 /// [`PARALLEL_APPLY_MIN_PER_THREAD`]), one thread for under 32.
 fn par_map<T: Send, R: Send>(threads: usize, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
     let mut out = Vec::with_capacity(items.len());
-    let taken: std::result::Result<(), std::convert::Infallible> =
-        par_each(threads, items, f, |r| {
-            out.push(r);
-            Ok(())
-        });
-    match taken {
-        Ok(()) => out,
-    }
+    let Ok(()) = par_each(threads, items, f, |r| {
+        out.push(r);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    out
 }
 
 /// `f` of every item on up to `threads` threads (the calling one included;
@@ -1666,9 +1663,8 @@ impl Store {
             // A peer behind by the last few chunks (the usual fetch) is
             // served from them, and a peer that has none of a record still
             // stored as its changes from those: no document is loaded or
-            // taken apart.
-            // Stored bytes that are not what the metadata counts are
-            // served only by loading them, which checks the heads.
+            // taken apart. Stored bytes that are not what the metadata
+            // counts are served only by loading them, which checks the heads.
             let chunks = self.read_chunks(id, &meta)?;
             let counted = chunks_as_counted(&meta, &chunks);
             if counted && let Some(changes) = changes_after_base(&chunks, have) {
