@@ -112,6 +112,13 @@ pub trait Kv: Send + Sync {
     fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], visit: Visit<'_>) -> Result<()>;
     /// Applies every op or none, durably (in the WAL) before it returns.
     fn write(&self, batch: Vec<BatchOp>) -> Result<()>;
+    /// [`Kv::write`] without waiting for the disk: once it returns the batch
+    /// outlives the process (the operating system holds it) but perhaps not
+    /// a power cut, until the next `write` makes it durable together with
+    /// itself (the log is written in order).
+    fn write_unsynced(&self, batch: Vec<BatchOp>) -> Result<()> {
+        self.write(batch)
+    }
 }
 
 /// RocksDB, one column family per [`Cf`].
@@ -282,6 +289,16 @@ impl Kv for RocksKv {
     }
 
     fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
+        self.write_with(batch, self.sync)
+    }
+
+    fn write_unsynced(&self, batch: Vec<BatchOp>) -> Result<()> {
+        self.write_with(batch, false)
+    }
+}
+
+impl RocksKv {
+    fn write_with(&self, batch: Vec<BatchOp>, sync: bool) -> Result<()> {
         // Sized up front: a batch of a thousand records is megabytes, and
         // growing it as it fills copies it over and over. Per op: a tag, the
         // family and two lengths (varints of up to 5 bytes), key, value.
@@ -299,7 +316,7 @@ impl Kv for RocksKv {
             }
         }
         let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(self.sync);
+        wo.set_sync(sync);
         self.db.write_opt(wb, &wo)?;
         Ok(())
     }
@@ -381,6 +398,9 @@ impl<T: Kv> Kv for std::sync::Arc<T> {
     }
     fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
         (**self).write(batch)
+    }
+    fn write_unsynced(&self, batch: Vec<BatchOp>) -> Result<()> {
+        (**self).write_unsynced(batch)
     }
 }
 
