@@ -2187,12 +2187,12 @@ impl Store {
     /// the process dying cannot take it (the operating system holds it; a
     /// power cut may, which only means the batch is fetched again without
     /// suspicion, as after a kill); the atomic batch that applies the data
-    /// removes it. A note found on
-    /// open means the process died inside that batch (an input that aborts
-    /// rather than panics, or a `kill -9`): the batch is retried once, and
-    /// if the process dies again on the same changes they are quarantined and
-    /// refused by hash whenever a peer sends them again. A poison input costs
-    /// two restarts, never a crash loop; a kill mid-batch costs nothing.
+    /// removes it. A note found on open means the process died inside that
+    /// batch (an input that aborts rather than panics, or a `kill -9`): the
+    /// batch is retried once, and if the process dies again on the same
+    /// changes they are quarantined and refused by hash whenever a peer
+    /// sends them again. A poison input costs two restarts, never a crash
+    /// loop; a kill mid-batch costs nothing.
     pub fn apply_remote_from(
         &mut self,
         peer: Option<NodeId>,
@@ -2245,9 +2245,9 @@ impl Store {
             return Ok(report);
         }
         // The note guards against the process dying, which the operating
-        // system's copy survives; the batch's own write makes it durable on
-        // disk with itself. Waiting for the disk here cost a millisecond or
-        // more per batch, on the path that applies it.
+        // system's copy survives; the batch's own write, which removes it,
+        // waits for the disk. Waiting here too cost a millisecond or more
+        // per batch, on the path that applies it.
         self.kv
             .write_unsynced(vec![(Cf::Meta, META_APPLYING.to_vec(), Some(json(&note)))])?;
         let mut work = Work::default();
