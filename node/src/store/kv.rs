@@ -114,8 +114,8 @@ pub trait Kv: Send + Sync {
     fn write(&self, batch: Vec<BatchOp>) -> Result<()>;
     /// [`Kv::write`] without waiting for the disk: once it returns the batch
     /// outlives the process (the operating system holds it) but perhaps not
-    /// a power cut, until the next `write` makes it durable together with
-    /// itself (the log is written in order).
+    /// a power cut, until a later write that waits for the disk makes it
+    /// durable with itself (the log is written in order).
     fn write_unsynced(&self, batch: Vec<BatchOp>) -> Result<()> {
         self.write(batch)
     }
