@@ -122,6 +122,7 @@ fn delta(a: SyncStats, b: SyncStats) -> SyncStats {
         records_bulk: b.records_bulk - a.records_bulk,
         bulk_overlapped: b.bulk_overlapped - a.bulk_overlapped,
         fetches_overlapped: b.fetches_overlapped - a.fetches_overlapped,
+        batches_written_behind: b.batches_written_behind - a.batches_written_behind,
     }
 }
 

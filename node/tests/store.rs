@@ -3,11 +3,12 @@
 //! heads, remote changes (out of order, pending, malformed), compaction, and
 //! a property test that any sequence of operations survives a reopen.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
 use entente_model::{Collision, CollisionKind, ModelError, NodeId, RecordId, Schema, Status};
-use entente_node::store::{Cf, MemKv};
+use entente_node::store::{Cf, Kv, MemKv, TestFault};
 use entente_node::{
     ApplyReport, CollisionFilter, Error, FeedEntry, ManualClock, NewRecord, RecordView, Store,
     StoreOptions, StoreStats,
@@ -1237,6 +1238,146 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
         12,
         "every tenth contact shares an e-mail"
     );
+}
+
+/// Records with their changes, as a peer sends them.
+type Batch = Vec<(RecordId, Vec<Vec<u8>>)>;
+
+/// A peer's 100 contacts, and the batch that carries them whole.
+fn peer_batch(seed: u64, prefix: &str) -> (Vec<RecordId>, Batch) {
+    let (_kv, mut a) = mem(nid(1), &clock(seed));
+    let ids: Vec<RecordId> = (0..100)
+        .map(|i| {
+            create(
+                &mut a,
+                "contacts",
+                json!({"first_name": format!("P{i}"), "email": format!("{prefix}{i}@x.org")}),
+            )
+        })
+        .collect();
+    let batch = ids
+        .iter()
+        .map(|id| (id.clone(), a.changes_for(id, &[]).unwrap()))
+        .collect();
+    (ids, batch)
+}
+
+/// A remote batch of more than 64 records is written on another thread and
+/// the call returns, so the node takes in the next page meanwhile. Every
+/// store operation after it waits for it first: none reads storage without
+/// it, none writes before it (a checkpoint saved next must not be
+/// overwritten by the batch's own), and closing the store lands it. The
+/// fault delays the background write by 200 ms, so each of these fails if
+/// that operation does not wait.
+#[test]
+fn a_large_batch_written_in_the_background_lands_before_anything_after_it() {
+    let (ids, batch) = peer_batch(60, "bg");
+    let peer = nid(1);
+    let dir = tempfile::tempdir().unwrap();
+    let slow = StoreOptions {
+        fault: Some(TestFault::SlowBackgroundWrite),
+        ..fast()
+    };
+    let no_filter = BTreeSet::new();
+    let receive = |name: &str| {
+        let mut b = open(&dir.path().join(name), nid(2), &clock(61), slow.clone());
+        let r = b
+            .apply_remote_only(Some(peer), &no_filter, batch.clone(), Some(100))
+            .unwrap();
+        assert_eq!(r.records_changed, 100);
+        b
+    };
+
+    // A point read, a scan, a record read, a raw read.
+    assert_eq!(receive("get").checkpoint(&peer).unwrap(), 100);
+    assert_eq!(receive("scan").changes_since(0, 1_000).unwrap().len(), 100);
+    assert!(receive("record").get(&ids[7]).unwrap().is_some());
+    assert!(
+        receive("raw")
+            .kv()
+            .get(Cf::Records, ids[9].as_str().as_bytes())
+            .unwrap()
+            .is_some()
+    );
+    // A local write checks its unique values against the batch's.
+    let mut b = receive("write");
+    let e = b
+        .create("contacts", None, &f(json!({"email": "bg5@x.org"})), false)
+        .unwrap_err();
+    assert_eq!(code(&e), "DUPLICATE_EMAIL");
+    // A checkpoint saved next lands after the batch's, not under it.
+    let b = receive("checkpoint");
+    b.save_checkpoint(&peer, 200).unwrap();
+    drop(b);
+    let b = open(&dir.path().join("checkpoint"), nid(2), &clock(62), fast());
+    assert_eq!(b.checkpoint(&peer).unwrap(), 200);
+    drop(b);
+    // Closing the store right away lands the batch, note removed.
+    drop(receive("close"));
+    let mut b = open(&dir.path().join("close"), nid(2), &clock(63), fast());
+    assert_eq!(b.checkpoint(&peer).unwrap(), 100);
+    assert_eq!(b.changes_since(0, 1_000).unwrap().len(), 100);
+    assert!(b.quarantine().unwrap().is_empty());
+    assert_eq!(
+        b.kv().get(Cf::Meta, b"applying_remote_batch").unwrap(),
+        None
+    );
+    assert!(b.get(&ids[99]).unwrap().is_some());
+}
+
+/// A background write that fails stops the store: every operation after it
+/// is a `STORAGE_ERROR` (none can build on a batch that did not land). After
+/// a restart, what was acknowledged before is there, the batch and its
+/// checkpoint are not (its page is pulled again), and its note does not make
+/// it suspect: applied again, it lands.
+#[test]
+fn a_background_write_that_fails_stops_the_store_and_the_batch_is_pulled_again() {
+    let (ids, batch) = peer_batch(64, "fail");
+    let peer = nid(1);
+    let kv = Arc::new(MemKv::new());
+    let failing = StoreOptions {
+        fault: Some(TestFault::FailBackgroundWrite),
+        ..fast()
+    };
+    let no_filter = BTreeSet::new();
+    let mut b = Store::with_kv(kv.clone(), schema(), nid(2), clock(65), failing).unwrap();
+    let local = create(&mut b, "contacts", json!({"email": "local@x.org"}));
+    b.apply_remote_only(Some(peer), &no_filter, batch.clone(), Some(100))
+        .unwrap();
+    let storage = |r: Result<(), Error>| code(&r.unwrap_err());
+    assert_eq!(storage(b.changes_since(0, 10).map(drop)), "STORAGE_ERROR");
+    assert_eq!(storage(b.checkpoint(&peer).map(drop)), "STORAGE_ERROR");
+    assert_eq!(
+        storage(
+            b.create("contacts", None, &f(json!({"email": "later@x.org"})), false)
+                .map(drop)
+        ),
+        "STORAGE_ERROR"
+    );
+    assert_eq!(
+        storage(
+            b.apply_remote_only(Some(peer), &no_filter, batch.clone(), Some(100))
+                .map(drop)
+        ),
+        "STORAGE_ERROR"
+    );
+    drop(b);
+    assert_eq!(kv.get(Cf::Meta, b"applying_remote_batch").unwrap(), None);
+
+    let mut b = Store::with_kv(kv, schema(), nid(2), clock(66), fast()).unwrap();
+    assert_eq!(b.checkpoint(&peer).unwrap(), 0);
+    let feed = b.changes_since(0, 1_000).unwrap();
+    assert_eq!(feed.len(), 1);
+    assert_eq!(feed[0].id, local);
+    assert!(b.get(&ids[0]).unwrap().is_none());
+    let r = b
+        .apply_remote_only(Some(peer), &no_filter, batch, Some(100))
+        .unwrap();
+    assert_eq!(r.records_changed, 100);
+    assert!(r.rejected.is_empty());
+    assert_eq!(b.checkpoint(&peer).unwrap(), 100);
+    assert_eq!(b.changes_since(0, 1_000).unwrap().len(), 101);
+    assert!(b.quarantine().unwrap().is_empty());
 }
 
 /// A page of a peer's sync reads many records at once (their documents

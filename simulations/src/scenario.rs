@@ -189,6 +189,9 @@ pub struct Outcome {
     /// Fetch responses those nodes applied while the next fetch was on its
     /// way.
     pub fetches_overlapped: u64,
+    /// Batches those nodes' stores wrote on another thread while the node
+    /// went on (large pages and fetch responses).
+    pub batches_written_behind: u64,
     /// Crashes that dropped a bulk page or fetch response parked unapplied.
     pub parked_dropped: u64,
     /// `verify-repair`: records the verify runs reported differing, and
@@ -259,11 +262,12 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
     if scenario == Scenario::LateJoiner {
         // Pages large enough that the late joiner's bulk pages and the
         // answers to them take the store's several-thread path (32 records
-        // or more at once), as a real node's pages of 1,000 do, and small
-        // enough that its full sync takes several pages, parked and applied
-        // while the next is on its way.
-        net.sync.pull_limit = net.sync.pull_limit.max(40);
-        net.sync.fetch_batch = net.sync.fetch_batch.max(40);
+        // or more at once) and its background write (more than 64), as a
+        // real node's pages of 1,000 do, and small enough that its full
+        // sync takes several pages, parked and applied while the next is on
+        // its way.
+        net.sync.pull_limit = net.sync.pull_limit.max(80);
+        net.sync.fetch_batch = net.sync.fetch_batch.max(80);
     }
     let mut sim = Sim::new(n, seed, storage, net).map_err(|e| fail(format!("temp dir: {e}")))?;
     sim.log(format_args!("scenario {scenario} seed {seed} nodes {n}"));
@@ -487,6 +491,10 @@ pub fn run(scenario: Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, 
         fetches_overlapped: (0..n)
             .filter_map(|i| sim.engine(i))
             .map(|e| e.stats().fetches_overlapped)
+            .sum(),
+        batches_written_behind: (0..n)
+            .filter_map(|i| sim.engine(i))
+            .map(|e| e.stats().batches_written_behind)
             .sum(),
         parked_dropped: sim.parked_dropped(),
         verify_differing,

@@ -77,18 +77,21 @@ fn late_joiner() {
     run_seeds(Scenario::LateJoiner);
     // The late joiner starts with an empty store while the others hold
     // records: it fills itself by the bulk full sync, its pages applied
-    // while the next is on its way, and the invariants above held for it.
-    let (mut bulk, mut overlapped) = (0, 0);
+    // while the next is on its way and written while it takes in the next,
+    // and the invariants above held for it.
+    let (mut bulk, mut overlapped, mut behind) = (0, 0, 0);
     for seed in 0..10 {
         let report = run(Scenario::LateJoiner, seed, &RunOptions::default()).unwrap();
         bulk += report.records_bulk;
         overlapped += report.bulk_overlapped;
+        behind += report.batches_written_behind;
     }
     assert!(bulk > 0, "no record came in bulk");
     assert!(
         overlapped > 0,
         "no bulk page was applied by the driver's pending work"
     );
+    assert!(behind > 0, "no batch was written in the background");
 }
 
 #[test]

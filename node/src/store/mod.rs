@@ -25,7 +25,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use automerge::{Automerge, Change, ChangeHash, ROOT, ReadDoc};
 use entente_model::collision::{
@@ -44,6 +45,7 @@ use serde_json::Value as Json;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
+use kv::Visit;
 pub use kv::{BatchOp, Cf, Kv, MemKv, RocksKv};
 
 /// Largest change accepted from a peer (bytes).
@@ -93,6 +95,12 @@ pub enum TestFault {
     /// Compaction's `load(save())` check fails, as for a document that
     /// accepted bad input and no longer saves into loadable bytes.
     SnapshotDoesNotLoad,
+    /// A large remote batch written in the background waits 200 ms before
+    /// it is written: whatever comes next runs before it lands, unless it
+    /// waits for it.
+    SlowBackgroundWrite,
+    /// A large remote batch written in the background fails to be written.
+    FailBackgroundWrite,
 }
 
 impl Default for StoreOptions {
@@ -252,6 +260,10 @@ pub struct ApplyReport {
     /// were dropped ([`Store::apply_remote_only`]).
     #[serde(default)]
     pub ignored: Vec<RecordId>,
+    /// The batch was large, and is being written on another thread as the
+    /// call returns; every later store operation waits for it first.
+    #[serde(default)]
+    pub written_behind: bool,
 }
 
 /// One quarantined input, as [`Store::quarantine`] lists it.
@@ -588,6 +600,14 @@ impl Tx {
         Ok(found.into_iter().collect())
     }
 
+    /// The batch this transaction would write.
+    fn into_ops(self) -> Vec<BatchOp> {
+        self.ops
+            .into_iter()
+            .map(|((cf, k), v)| (cf, k, v))
+            .collect()
+    }
+
     fn commit(self) -> Result<()> {
         if self.ops.is_empty() {
             return Ok(());
@@ -598,6 +618,141 @@ impl Tx {
                 .map(|((cf, k), v)| (cf, k, v))
                 .collect(),
         )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Writing a large remote batch in the background.
+
+/// The store's key-value store, and a large remote batch being written to
+/// it on another thread (see `Store::finish_remote`). Every access through
+/// it — a read, a scan, a write, from any store operation — first waits
+/// for that batch to land, so nothing sees or writes storage out of order;
+/// meanwhile the node takes in the next page. A background write that
+/// fails stops the store: every access from then on is an error, nothing
+/// half-written is visible (a batch is one atomic write), and after a
+/// restart the batch's page is pulled again (its checkpoint did not land).
+struct Landing {
+    inner: Arc<dyn Kv>,
+    /// A batch may be being written (`pending` holds it).
+    busy: AtomicBool,
+    pending: Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
+    /// A background write failed (`failure` says how).
+    broken: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+impl Landing {
+    fn new(inner: Arc<dyn Kv>) -> Landing {
+        Landing {
+            inner,
+            busy: AtomicBool::new(false),
+            pending: Mutex::new(None),
+            broken: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Waits for the batch being written, if any; an error if one failed.
+    fn settle(&self) -> Result<()> {
+        if self.busy.load(Ordering::Acquire) {
+            self.join_pending();
+        }
+        if self.broken.load(Ordering::Acquire) {
+            let why = self
+                .failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
+            return Err(Error::Storage(format!(
+                "a remote batch written in the background failed ({why}); \
+                 the store takes no more work until the node restarts"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits for the batch being written, if any. The lock is held while
+    /// waiting, so a second thread that finds the batch gone waits for it
+    /// too rather than reading before it lands.
+    fn join_pending(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(handle) = pending.take() {
+            let outcome = handle
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            if let Err(e) = outcome {
+                tracing::error!(
+                    error = %e,
+                    "a remote batch written in the background failed; the store takes no more work"
+                );
+                *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                self.broken.store(true, Ordering::Release);
+            }
+        }
+        self.busy.store(false, Ordering::Release);
+    }
+
+    /// Writes `batch` on another thread; the next access waits for it.
+    fn write_behind(&self, batch: Vec<BatchOp>, fault: Option<TestFault>) -> Result<()> {
+        self.settle()?;
+        let inner = self.inner.clone();
+        let write = move || -> Result<()> {
+            let outcome = match fault {
+                Some(TestFault::FailBackgroundWrite) => {
+                    Err(Error::Storage("injected background write failure".into()))
+                }
+                Some(TestFault::SlowBackgroundWrite) => {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    inner.write(batch)
+                }
+                _ => inner.write(batch),
+            };
+            if outcome.is_err() {
+                // The batch did not land, and not because the process died:
+                // its note must not make the next open suspect it (best
+                // effort: the disk may be what failed).
+                let _ = inner.write(vec![(Cf::Meta, META_APPLYING.to_vec(), None)]);
+            }
+            outcome
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match std::thread::Builder::new()
+            .name("entente-write".into())
+            .spawn(write)
+        {
+            Ok(handle) => {
+                *pending = Some(handle);
+                self.busy.store(true, Ordering::Release);
+                Ok(())
+            }
+            // No thread to be had: the batch fails as a failed write does,
+            // before anything took it for landed.
+            Err(e) => Err(Error::Storage(format!("no thread to write the batch: {e}"))),
+        }
+    }
+}
+
+impl Kv for Landing {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.settle()?;
+        self.inner.get(cf, key)
+    }
+
+    fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], visit: Visit<'_>) -> Result<()> {
+        self.settle()?;
+        self.inner.scan(cf, prefix, start, visit)
+    }
+
+    fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
+        self.settle()?;
+        self.inner.write(batch)
+    }
+
+    fn write_unsynced(&self, batch: Vec<BatchOp>) -> Result<()> {
+        self.settle()?;
+        self.inner.write_unsynced(batch)
     }
 }
 
@@ -1086,7 +1241,8 @@ pub const CACHE_MAX_PER_OPERATION: usize = 64;
 
 /// The store. One writer at a time (`&mut self`); the node serializes access.
 pub struct Store {
-    kv: Arc<dyn Kv>,
+    /// Every storage access goes through it (see [`Landing`]).
+    kv: Arc<Landing>,
     schema: Arc<Schema>,
     node: NodeId,
     clock: Arc<dyn Clock>,
@@ -1095,6 +1251,13 @@ pub struct Store {
     opts: StoreOptions,
     /// Change-bytes hashes quarantined after a crash: refused on arrival.
     poisoned: BTreeSet<String>,
+}
+
+impl Drop for Store {
+    /// A batch still being written lands before the store closes.
+    fn drop(&mut self) {
+        self.kv.join_pending();
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -1190,7 +1353,7 @@ impl Store {
         })?;
         let cap = NonZeroUsize::new(opts.cache_records.max(1)).expect("non-zero");
         Ok(Store {
-            kv,
+            kv: Arc::new(Landing::new(kv)),
             schema,
             node,
             clock,
@@ -2313,7 +2476,8 @@ impl Store {
                 },
             )?;
             report.records_changed = work.slots.values().filter(|s| s.dirty).count();
-            self.finish_remote(&mut work, tx)
+            report.written_behind = self.finish_remote(&mut work, tx)?;
+            Ok(())
         })();
         if result.is_err() {
             // The batch did not land, and not because the process died: the
@@ -2724,21 +2888,21 @@ impl Store {
 
     /// [`Store::finish`] for a remote batch, which needs nothing of its
     /// working set afterwards when it is large (it is not cached: see
-    /// `settle`): its documents, a few microseconds each to free, are freed
-    /// while the batch is written on another thread.
-    fn finish_remote(&mut self, work: &mut Work, tx: Tx) -> Result<()> {
+    /// `settle`). Such a batch is written on another thread and the call
+    /// returns: its documents, a few microseconds each to free, are freed
+    /// meanwhile, and the node takes in the next page while it lands.
+    /// Every later storage access waits for it first (see [`Landing`]).
+    /// Returns whether the batch is written so.
+    fn finish_remote(&mut self, work: &mut Work, tx: Tx) -> Result<bool> {
         let tx = self.prepare_commit(work, tx)?;
         if work.slots.len() <= CACHE_MAX_PER_OPERATION {
-            return tx.commit();
+            tx.commit()?;
+            return Ok(false);
         }
         let slots = std::mem::take(&mut work.slots);
-        std::thread::scope(|scope| {
-            let write = scope.spawn(move || tx.commit());
-            drop(slots);
-            write
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
+        self.kv.write_behind(tx.into_ops(), self.opts.fault)?;
+        drop(slots);
+        Ok(true)
     }
 
     /// Everything [`Store::finish`] does but the commit: the batch to write.

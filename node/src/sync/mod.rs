@@ -313,6 +313,9 @@ pub struct SyncStats {
     /// Fetch responses applied by [`SyncEngine::run_pending`], while the
     /// next fetch was on its way.
     pub fetches_overlapped: u64,
+    /// Batches the store wrote on another thread while this node went on
+    /// (see [`crate::store::ApplyReport::written_behind`]).
+    pub batches_written_behind: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1309,6 +1312,7 @@ impl<P: Ord + Clone + fmt::Debug> SyncEngine<P> {
             "applied a batch"
         );
         self.stats.changes_applied += report.changes_applied as u64;
+        self.stats.batches_written_behind += u64::from(report.written_behind);
         self.stats.records_rejected += report.rejected.len() as u64;
         self.stats.records_ignored += report.ignored.len() as u64;
         if !report.ignored.is_empty() {
