@@ -1,7 +1,8 @@
 //! Integration tests of the store: persistence across reopen, atomic batches,
 //! the consolidated feed, the unique index, validation, edits based on older
-//! heads, remote changes (out of order, pending, malformed), compaction, and
-//! a property test that any sequence of operations survives a reopen.
+//! heads, remote changes (out of order, pending, malformed), large remote
+//! batches written in the background, compaction, and a property test that
+//! any sequence of operations survives a reopen.
 
 use std::collections::BTreeSet;
 use std::path::Path;
