@@ -26,7 +26,7 @@ use std::num::NonZeroUsize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use automerge::{Automerge, Change, ChangeHash, ROOT, ReadDoc};
 use entente_model::collision::{
@@ -634,12 +634,12 @@ impl Tx {
 /// restart the batch's page is pulled again (its checkpoint did not land).
 struct Landing {
     inner: Arc<dyn Kv>,
-    /// A batch may be being written (`pending` holds it).
+    /// A batch may be being written (`pending` holds it): checked without
+    /// the lock on every access, which is thousands per batch.
     busy: AtomicBool,
     pending: Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
-    /// A background write failed (`failure` says how).
-    broken: AtomicBool,
-    failure: Mutex<Option<String>>,
+    /// How a background write failed, once one did.
+    failure: OnceLock<String>,
 }
 
 impl Landing {
@@ -648,8 +648,7 @@ impl Landing {
             inner,
             busy: AtomicBool::new(false),
             pending: Mutex::new(None),
-            broken: AtomicBool::new(false),
-            failure: Mutex::new(None),
+            failure: OnceLock::new(),
         }
     }
 
@@ -658,13 +657,7 @@ impl Landing {
         if self.busy.load(Ordering::Acquire) {
             self.join_pending();
         }
-        if self.broken.load(Ordering::Acquire) {
-            let why = self
-                .failure
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .unwrap_or_default();
+        if let Some(why) = self.failure.get() {
             return Err(Error::Storage(format!(
                 "a remote batch written in the background failed ({why}); \
                  the store takes no more work until the node restarts"
@@ -687,8 +680,7 @@ impl Landing {
                     error = %e,
                     "a remote batch written in the background failed; the store takes no more work"
                 );
-                *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                self.broken.store(true, Ordering::Release);
+                let _ = self.failure.set(e.to_string());
             }
         }
         self.busy.store(false, Ordering::Release);
@@ -956,7 +948,7 @@ fn par_each<T: Send, R: Send, E>(
     f: impl Fn(T) -> R + Sync,
     mut take: impl FnMut(R) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     use std::sync::mpsc::{TryRecvError, channel};
     let threads = threads
         .min(items.len() / PARALLEL_APPLY_MIN_PER_THREAD)
@@ -969,10 +961,7 @@ fn par_each<T: Send, R: Send, E>(
     }
     let n = items.len();
     // Items are claimed in order, by whichever thread is free.
-    let jobs: Vec<std::sync::Mutex<Option<T>>> = items
-        .into_iter()
-        .map(|t| std::sync::Mutex::new(Some(t)))
-        .collect();
+    let jobs: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
     let next = AtomicUsize::new(0);
     let claim = || -> Option<(usize, T)> {
         let i = next.fetch_add(1, Ordering::Relaxed);
