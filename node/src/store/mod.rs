@@ -523,7 +523,7 @@ fn changes_after_base(chunks: &[Vec<u8>], have: &[ChangeHash]) -> Option<Vec<Vec
 }
 
 /// What a collision is about; one open collision at most stands for it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Subject {
     UpdateDelete(RecordId),
     Flagged(RecordId, String),
@@ -536,18 +536,63 @@ enum Subject {
 }
 
 impl Subject {
+    /// Its key in `Cf::Subjects`: a letter for the kind, then its parts,
+    /// each after a 0 byte (a unique value by its hash).
     fn key(&self) -> Vec<u8> {
+        fn join(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+            let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+            k.push(kind);
+            for part in parts {
+                k.push(SEP);
+                k.extend_from_slice(part);
+            }
+            k
+        }
         match self {
-            Subject::UpdateDelete(r) => format!("u\0{r}").into_bytes(),
-            Subject::Flagged(r, f) => format!("f\0{r}\0{f}").into_bytes(),
-            Subject::Dangling(r, f) => format!("d\0{r}\0{f}").into_bytes(),
+            Subject::UpdateDelete(r) => join(b'u', &[r.as_str().as_bytes()]),
+            Subject::Flagged(r, f) => join(b'f', &[r.as_str().as_bytes(), f.as_bytes()]),
+            Subject::Dangling(r, f) => join(b'd', &[r.as_str().as_bytes(), f.as_bytes()]),
             Subject::Duplicate {
                 collection,
                 key,
                 value,
-            } => format!("k\0{collection}\0{key}\0{}", value_hash(value)).into_bytes(),
+            } => join(
+                b'k',
+                &[
+                    collection.as_bytes(),
+                    key.as_bytes(),
+                    value_hash(value).as_bytes(),
+                ],
+            ),
         }
     }
+}
+
+/// The hasher of sets that are only looked up in, or iterated in an order
+/// nothing depends on: fixed keys, so that order is the same on every run
+/// (the simulator replays a seed byte for byte).
+type FixedState = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
+/// The collision subjects an operation touched, each with whether only
+/// records that kept the unique value it names touched it (see
+/// `Store::prepare_commit`). Set by hash: ordering them cost a fifth of
+/// deciding a batch's records (comparing subjects field by field).
+type Touched = std::collections::HashMap<Subject, bool, FixedState>;
+
+fn touch(subjects: &mut Touched, subject: Subject, kept: bool) {
+    let only_kept = subjects.entry(subject).or_insert(kept);
+    *only_kept &= kept;
+}
+
+/// Whether two lists of unique values hold the same values.
+fn same_values(a: &[(String, String)], b: &[(String, String)]) -> bool {
+    let mut a: Vec<&(String, String)> = a.iter().collect();
+    let mut b: Vec<&(String, String)> = b.iter().collect();
+    a.sort_unstable();
+    a.dedup();
+    b.sort_unstable();
+    b.dedup();
+    a == b
 }
 
 // ---------------------------------------------------------------------------
@@ -555,41 +600,55 @@ impl Subject {
 
 struct Tx {
     kv: Arc<dyn Kv>,
-    ops: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+    /// Its writes, by column family (indexed by `Cf as usize`): a lookup
+    /// neither copies the key nor compares column families.
+    ops: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Cf::ALL.len()],
 }
+
+// `Tx` finds a column family's writes at `cf as usize`, and writes them
+// in the order of `Cf::ALL`.
+const _: () = {
+    let mut i = 0;
+    while i < Cf::ALL.len() {
+        assert!(Cf::ALL[i] as usize == i, "Cf::ALL is in declaration order");
+        i += 1;
+    }
+};
 
 impl Tx {
     fn new(kv: Arc<dyn Kv>) -> Tx {
         Tx {
             kv,
-            ops: BTreeMap::new(),
+            ops: std::array::from_fn(|_| BTreeMap::new()),
         }
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.ops.get(&(cf, key.to_vec())) {
+        match self.ops[cf as usize].get(key) {
             Some(v) => Ok(v.clone()),
             None => self.kv.get(cf, key),
         }
     }
 
     fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
-        self.ops.insert((cf, key), Some(value));
+        self.ops[cf as usize].insert(key, Some(value));
     }
 
     fn del(&mut self, cf: Cf, key: Vec<u8>) {
-        self.ops.insert((cf, key), None);
+        self.ops[cf as usize].insert(key, None);
     }
 
     /// Keys with `prefix`, merged with this transaction's writes.
     fn keys_with_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
+        use std::ops::Bound;
         let mut found: BTreeSet<Vec<u8>> = BTreeSet::new();
         self.kv.scan(cf, prefix, prefix, &mut |k, _| {
             found.insert(k.to_vec());
             true
         })?;
-        for ((c, k), v) in self.ops.range((cf, prefix.to_vec())..) {
-            if *c != cf || !k.starts_with(prefix) {
+        let ops = &self.ops[cf as usize];
+        for (k, v) in ops.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded)) {
+            if !k.starts_with(prefix) {
                 break;
             }
             match v {
@@ -602,22 +661,19 @@ impl Tx {
 
     /// The batch this transaction would write.
     fn into_ops(self) -> Vec<BatchOp> {
-        self.ops
+        Cf::ALL
             .into_iter()
-            .map(|((cf, k), v)| (cf, k, v))
+            .zip(self.ops)
+            .flat_map(|(cf, ops)| ops.into_iter().map(move |(k, v)| (cf, k, v)))
             .collect()
     }
 
     fn commit(self) -> Result<()> {
-        if self.ops.is_empty() {
+        if self.ops.iter().all(BTreeMap::is_empty) {
             return Ok(());
         }
-        self.kv.write(
-            self.ops
-                .into_iter()
-                .map(|((cf, k), v)| (cf, k, v))
-                .collect(),
-        )
+        let kv = self.kv.clone();
+        kv.write(self.into_ops())
     }
 }
 
@@ -2906,8 +2962,10 @@ impl Store {
             return Ok(tx);
         }
         // Subjects touched, from the state before and after.
-        let mut subjects: BTreeSet<Subject> = BTreeSet::new();
-        let mut unmoved: BTreeSet<Subject> = BTreeSet::new();
+        // About six subjects per record (its references, update_delete,
+        // flagged fields, unique values).
+        let mut subjects =
+            Touched::with_capacity_and_hasher(dirty.len().saturating_mul(6), FixedState::default());
         let mut before_unique: BTreeMap<RecordId, Vec<(String, String)>> = BTreeMap::new();
         for id in &dirty {
             if work.slots[id].fresh || !work.slots[id].stored {
@@ -2918,7 +2976,7 @@ impl Store {
                 let m = RecordMeta::decode(&b)?;
                 before_unique.insert(id.clone(), m.unique.clone());
                 for (f, _) in m.refs {
-                    subjects.insert(Subject::Dangling(id.clone(), f));
+                    touch(&mut subjects, Subject::Dangling(id.clone(), f), false);
                 }
             }
         }
@@ -2933,11 +2991,15 @@ impl Store {
                 if let Some((referrer, field)) = rest.split_once('\0')
                     && let Ok(r) = RecordId::parse(referrer)
                 {
-                    subjects.insert(Subject::Dangling(r, field.to_string()));
+                    touch(
+                        &mut subjects,
+                        Subject::Dangling(r, field.to_string()),
+                        false,
+                    );
                 }
             }
             for (f, _) in self.schema.references(&collection) {
-                subjects.insert(Subject::Dangling(id.clone(), f));
+                touch(&mut subjects, Subject::Dangling(id.clone(), f), false);
             }
             if slot.fresh {
                 // A record this operation created locally without `force`
@@ -2950,11 +3012,15 @@ impl Store {
                 // create path's detection cost.
                 continue;
             }
-            subjects.insert(Subject::UpdateDelete(id.clone()));
+            touch(&mut subjects, Subject::UpdateDelete(id.clone()), false);
             if let Ok(def) = self.schema.collection(&collection) {
                 for (f, d) in &def.fields {
                     if d.policy == MergePolicy::Flag {
-                        subjects.insert(Subject::Flagged(id.clone(), f.clone()));
+                        touch(
+                            &mut subjects,
+                            Subject::Flagged(id.clone(), f.clone()),
+                            false,
+                        );
                     }
                 }
             }
@@ -2962,9 +3028,9 @@ impl Store {
             // (so it is live as before) leaves each value's holders as they
             // were: where no collision stands for the value, none can now.
             let kept = !slot.forced
-                && before_unique.get(id).is_some_and(|b| {
-                    b.iter().collect::<BTreeSet<_>>() == meta.unique.iter().collect()
-                });
+                && before_unique
+                    .get(id)
+                    .is_some_and(|b| same_values(b, &meta.unique));
             for (key, value) in meta
                 .unique
                 .iter()
@@ -2975,22 +3041,9 @@ impl Store {
                     key: key.clone(),
                     value: value.clone(),
                 };
-                if kept {
-                    unmoved.insert(subject);
-                } else {
-                    subjects.insert(subject);
-                }
+                touch(&mut subjects, subject, kept);
             }
         }
-        // Duplicate subjects only records that kept their values touch: the
-        // loop below skips those without a standing collision (checking
-        // them is a prefix scan each, the largest part of storing a batch
-        // of edits).
-        let unmoved: BTreeSet<Subject> = unmoved
-            .into_iter()
-            .filter(|s| subjects.insert(s.clone()))
-            .collect();
-
         // Forced writes record a "force" resolution of the duplicate they make.
         let forced: Vec<RecordId> = dirty
             .iter()
@@ -3165,12 +3218,27 @@ impl Store {
             }
         }
 
-        for subject in &subjects {
+        // Duplicate subjects only records that kept their values touch are
+        // skipped without a standing collision (checking them is a prefix
+        // scan each, the largest part of storing a batch of edits).
+        for (subject, kept) in &subjects {
             let key = subject.key();
-            let old = tx
-                .get(Cf::Subjects, &key)?
-                .map(|b| String::from_utf8_lossy(&b).into_owned());
-            if old.is_none() && unmoved.contains(subject) {
+            // A subject of one record is decided (and its entry written)
+            // only with the record in the same batch, so one of a record
+            // storage did not hold has no entry (a catch-up's records).
+            let unstored = match subject {
+                Subject::UpdateDelete(id) | Subject::Flagged(id, _) | Subject::Dangling(id, _) => {
+                    work.slots.get(id).is_some_and(|s| !s.stored)
+                }
+                Subject::Duplicate { .. } => false,
+            };
+            let old = if unstored {
+                None
+            } else {
+                tx.get(Cf::Subjects, &key)?
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+            };
+            if old.is_none() && *kept {
                 continue;
             }
             let new = self.evaluate(work, &tx, subject)?;
