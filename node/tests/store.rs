@@ -1244,6 +1244,90 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
 /// Records with their changes, as a peer sends them.
 type Batch = Vec<(RecordId, Vec<Vec<u8>>)>;
 
+/// Records of one remote batch that change what the others' collisions
+/// are: one gives up the e-mail another takes (no duplicate is left), and
+/// one is deleted while another comes to reference it (a dangling
+/// reference is left). The batch must find what applying the records one
+/// by one finds, and what the sender found, whichever comes first in the
+/// batch: ids made in the same millisecond are ordered by their random
+/// part, so the seeds give both orders of each pair.
+#[test]
+fn records_that_change_each_other_s_collisions_land_in_one_batch_as_one_by_one() {
+    let mut orders = BTreeSet::new();
+    for seed in 0..16 {
+        let (_pkv, mut p) = mem(nid(1), &clock(60 + seed));
+        let h = create(
+            &mut p,
+            "contacts",
+            json!({"first_name": "H", "email": "v@x.org"}),
+        );
+        let t = create(&mut p, "contacts", json!({"first_name": "T"}));
+        let shared: Batch = [&h, &t]
+            .iter()
+            .map(|id| ((*id).clone(), p.changes_for(id, &[]).unwrap()))
+            .collect();
+        let (h0, t0) = (p.heads(&h).unwrap(), p.heads(&t).unwrap());
+        p.update(&h, &f(json!({"email": "w@x.org"})), None, false)
+            .unwrap();
+        let r = create(
+            &mut p,
+            "contacts",
+            json!({"first_name": "R", "email": "v@x.org"}),
+        );
+        let a = create(
+            &mut p,
+            "addresses",
+            json!({"contact_id": t.to_string(), "city": "C"}),
+        );
+        p.delete(&t).unwrap();
+        orders.insert((r < h, a < t));
+        let open = |s: &Store| -> Vec<(CollisionKind, Vec<RecordId>)> {
+            let mut v: Vec<_> = all_collisions(s)
+                .into_iter()
+                .filter(|c| c.is_open())
+                .map(|c| (c.kind, c.records))
+                .collect();
+            v.sort_by_key(|c| format!("{c:?}"));
+            v
+        };
+        let want = open(&p);
+        let mut pair = vec![a.clone(), t.clone()];
+        pair.sort();
+        assert_eq!(
+            want,
+            vec![(CollisionKind::DanglingReference, pair)],
+            "seed {seed}: the sender's own collisions"
+        );
+        let batch: Batch = vec![
+            (h.clone(), p.changes_for(&h, &h0).unwrap()),
+            (t.clone(), p.changes_for(&t, &t0).unwrap()),
+            (r.clone(), p.changes_for(&r, &[]).unwrap()),
+            (a.clone(), p.changes_for(&a, &[]).unwrap()),
+        ];
+        for whole in [true, false] {
+            let (_bkv, mut b) = mem(nid(2), &clock(90 + seed));
+            b.apply_remote(shared.clone()).unwrap();
+            if whole {
+                let report = b.apply_remote(batch.clone()).unwrap();
+                assert_eq!(report.records_changed, 4, "seed {seed}: {report:?}");
+            } else {
+                for item in &batch {
+                    b.apply_remote(vec![item.clone()]).unwrap();
+                }
+            }
+            assert_eq!(open(&b), want, "seed {seed}, whole batch: {whole}");
+            let ids = |s: &Store| -> BTreeSet<String> {
+                all_collisions(s)
+                    .into_iter()
+                    .map(|c| c.id.to_string())
+                    .collect()
+            };
+            assert_eq!(ids(&b), ids(&p), "seed {seed}, whole batch: {whole}");
+        }
+    }
+    assert_eq!(orders.len(), 4, "every order of the two pairs: {orders:?}");
+}
+
 /// A peer's 100 contacts, and the batch that carries them whole.
 fn peer_batch(seed: u64, prefix: &str) -> (Vec<RecordId>, Batch) {
     let (_kv, mut a) = mem(nid(1), &clock(seed));
