@@ -69,6 +69,19 @@ fn create(store: &mut Store, collection: &str, fields: Value) -> RecordId {
         .id
 }
 
+/// `n` contacts `P0`, `P1`, … with e-mails `{prefix}0@x.org`, ….
+fn contacts(store: &mut Store, n: usize, prefix: &str) -> Vec<RecordId> {
+    (0..n)
+        .map(|i| {
+            create(
+                store,
+                "contacts",
+                json!({"first_name": format!("P{i}"), "email": format!("{prefix}{i}@x.org")}),
+            )
+        })
+        .collect()
+}
+
 fn view(store: &mut Store, id: &RecordId) -> RecordView {
     store.get(id).expect("get").expect("record exists")
 }
@@ -1331,15 +1344,7 @@ fn records_that_change_each_other_s_collisions_land_in_one_batch_as_one_by_one()
 /// A peer's 100 contacts, and the batch that carries them whole.
 fn peer_batch(seed: u64, prefix: &str) -> (Vec<RecordId>, Batch) {
     let (_kv, mut a) = mem(nid(1), &clock(seed));
-    let ids: Vec<RecordId> = (0..100)
-        .map(|i| {
-            create(
-                &mut a,
-                "contacts",
-                json!({"first_name": format!("P{i}"), "email": format!("{prefix}{i}@x.org")}),
-            )
-        })
-        .collect();
+    let ids = contacts(&mut a, 100, prefix);
     let batch = ids
         .iter()
         .map(|id| (id.clone(), a.changes_for(id, &[]).unwrap()))
@@ -1635,15 +1640,7 @@ fn a_new_record_is_stored_as_its_changes_and_served_whole_from_them() {
         ..fast()
     };
     let mut a = open(&dir.path().join("a"), nid(1), &ck, opts());
-    let ids: Vec<RecordId> = (0..6)
-        .map(|i| {
-            create(
-                &mut a,
-                "contacts",
-                json!({"first_name": format!("P{i}"), "email": format!("p{i}@x.org")}),
-            )
-        })
-        .collect();
+    let ids = contacts(&mut a, 6, "p");
     // Record 1 gets a chunk, record 2 enough updates to be compacted.
     a.update(&ids[1], &f(json!({"city": "c"})), None, false)
         .unwrap();
