@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use entente_model::{Collision, CollisionKind, ModelError, NodeId, RecordId, Schema, Status};
-use entente_node::store::{Cf, Kv, MemKv, TestFault};
+use entente_node::store::{Cf, Kv, MemKv, RocksKv, TestFault};
 use entente_node::{
     ApplyReport, CollisionFilter, Error, FeedEntry, ManualClock, NewRecord, RecordView, Store,
     StoreOptions, StoreStats,
@@ -1188,14 +1188,24 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
     batch.retain(|(id, _)| id != &contacts[110]);
     batch.push((contacts[110].clone(), newest));
 
-    let receive = |threads: usize, one_by_one: bool, cold: bool| {
-        let kv = Arc::new(MemKv::new());
+    // On RocksDB too, with what the receiver held in table files, the
+    // batch lands as in memory.
+    let receive_on = |threads: usize, one_by_one: bool, cold: bool, rocks: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let rocks = rocks.then(|| Arc::new(RocksKv::open(dir.path(), false).unwrap()));
+        let kv: Arc<dyn Kv> = match &rocks {
+            Some(r) => r.clone(),
+            None => Arc::new(MemKv::new()),
+        };
         let opts = StoreOptions {
             apply_threads: threads,
             ..fast()
         };
         let mut b = Store::with_kv(kv, schema(), nid(2), clock(41), opts).unwrap();
         b.apply_remote(early.clone()).unwrap();
+        if let Some(r) = &rocks {
+            r.flush().unwrap();
+        }
         if cold {
             b.clear_cache();
         }
@@ -1209,14 +1219,18 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
         };
         (reports, state(&mut b))
     };
+    let receive = |threads, one_by_one, cold| receive_on(threads, one_by_one, cold, false);
     let (one, s1) = receive(1, false, false);
     let (four, s4) = receive(4, false, false);
     let (cold, sc) = receive(4, false, true);
     let (_, sn) = receive(1, true, false);
+    let (rocks, sr) = receive_on(4, false, true, true);
     assert_eq!(one, four);
     assert_eq!(s1, s4);
     assert_eq!(cold, four);
     assert_eq!(sc, s4);
+    assert_eq!(rocks, four);
+    assert_eq!(sr, s4);
     check_invariants(&s4);
     assert_eq!(sn.records.len(), s4.records.len());
     for (x, y) in sn.records.iter().zip(&s4.records) {
@@ -1350,6 +1364,69 @@ fn peer_batch(seed: u64, prefix: &str) -> (Vec<RecordId>, Batch) {
         .map(|id| (id.clone(), a.changes_for(id, &[]).unwrap()))
         .collect();
     (ids, batch)
+}
+
+/// A page of a catch-up finds the duplicates its records make with records
+/// the receiver already holds, whether those are in RocksDB's table files
+/// or its memtable, as a store in memory and as record by record: the
+/// holders of the page's unique values are read for the whole page at once
+/// (one RocksDB iterator seeking each value in turn).
+#[test]
+fn a_page_finds_the_duplicates_it_makes_with_records_held_in_storage() {
+    let (ids, batch) = peer_batch(70, "held");
+    let receive = |rocks: bool, one_by_one: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let rocks = rocks.then(|| Arc::new(RocksKv::open(dir.path(), false).unwrap()));
+        let kv: Arc<dyn Kv> = match &rocks {
+            Some(r) => r.clone(),
+            None => Arc::new(MemKv::new()),
+        };
+        let mut b = Store::with_kv(kv, schema(), nid(2), clock(71), fast()).unwrap();
+        // Every tenth of the peer's e-mails is held here already, half of
+        // them in table files and half only in the memtable.
+        let mut held = Vec::new();
+        for i in (0..100).step_by(10) {
+            held.push(create(
+                &mut b,
+                "contacts",
+                json!({"first_name": format!("Q{i}"), "email": format!("held{i}@x.org")}),
+            ));
+            if i == 40
+                && let Some(r) = &rocks
+            {
+                r.flush().unwrap();
+            }
+        }
+        if one_by_one {
+            for item in &batch {
+                b.apply_remote(vec![item.clone()]).unwrap();
+            }
+        } else {
+            let r = b.apply_remote(batch.clone()).unwrap();
+            assert_eq!(r.records_changed, 100, "{r:?}");
+        }
+        let mut found: Vec<Vec<RecordId>> = all_collisions(&b)
+            .into_iter()
+            .filter(|c| c.kind == CollisionKind::Duplicate && c.is_open())
+            .map(|c| c.records)
+            .collect();
+        found.sort();
+        (held, found)
+    };
+    let (held, on_rocks) = receive(true, false);
+    let mut want: Vec<Vec<RecordId>> = held
+        .iter()
+        .zip(ids.iter().step_by(10))
+        .map(|(mine, theirs)| {
+            let mut pair = vec![mine.clone(), theirs.clone()];
+            pair.sort();
+            pair
+        })
+        .collect();
+    want.sort();
+    assert_eq!(on_rocks, want);
+    assert_eq!(receive(false, false), (held.clone(), want.clone()));
+    assert_eq!(receive(true, true), (held, want));
 }
 
 /// A remote batch of more than 64 records is written on another thread and

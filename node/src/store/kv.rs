@@ -110,6 +110,23 @@ pub trait Kv: Send + Sync {
     /// Visits, in key order, the keys that start with `prefix` and are
     /// `>= start`, until `visit` returns false.
     fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], visit: Visit<'_>) -> Result<()>;
+    /// The keys starting with each of `prefixes`, in key order for each:
+    /// what [`Kv::scan`] visits for them one by one. An engine that can
+    /// seek one cursor to every prefix in turn does so (opening a RocksDB
+    /// iterator costs more than the seek itself).
+    fn keys_with_prefixes(&self, cf: Cf, prefixes: &[&[u8]]) -> Result<Vec<Vec<Vec<u8>>>> {
+        prefixes
+            .iter()
+            .map(|p| {
+                let mut keys = Vec::new();
+                self.scan(cf, p, p, &mut |k, _| {
+                    keys.push(k.to_vec());
+                    true
+                })?;
+                Ok(keys)
+            })
+            .collect()
+    }
     /// Applies every op or none, durably (in the WAL) before it returns.
     fn write(&self, batch: Vec<BatchOp>) -> Result<()>;
     /// [`Kv::write`] without waiting for the disk: once it returns the batch
@@ -288,6 +305,38 @@ impl Kv for RocksKv {
         Ok(())
     }
 
+    fn keys_with_prefixes(&self, cf: Cf, prefixes: &[&[u8]]) -> Result<Vec<Vec<Vec<u8>>>> {
+        // One iterator for every prefix: each seek with the bloom filters a
+        // scan by exactly the family's prefix may use (when all are such),
+        // else in total order. No upper bound: each prefix's run of keys
+        // ends at the first key without it.
+        let whole = cf
+            .prefix_separators()
+            .is_some_and(|n| prefixes.iter().all(|p| prefix_len(p, n) == Some(p.len())));
+        let mut ro = rocksdb::ReadOptions::default();
+        if whole {
+            ro.set_prefix_same_as_start(true);
+        } else {
+            ro.set_total_order_seek(true);
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
+        let mut out = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            let mut keys = Vec::new();
+            it.seek(prefix);
+            while let Some(k) = it.key() {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                keys.push(k.to_vec());
+                it.next();
+            }
+            it.status()?;
+            out.push(keys);
+        }
+        Ok(out)
+    }
+
     fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
         self.write_with(batch, self.sync)
     }
@@ -396,6 +445,9 @@ impl<T: Kv> Kv for std::sync::Arc<T> {
     fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], visit: Visit<'_>) -> Result<()> {
         (**self).scan(cf, prefix, start, visit)
     }
+    fn keys_with_prefixes(&self, cf: Cf, prefixes: &[&[u8]]) -> Result<Vec<Vec<Vec<u8>>>> {
+        (**self).keys_with_prefixes(cf, prefixes)
+    }
     fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
         (**self).write(batch)
     }
@@ -476,6 +528,45 @@ mod tests {
             6
         );
         assert_eq!(keys(&mem, Cf::Unique, b"", b"").len(), 18);
+
+        // Many prefixes through one cursor: each gets what its own scan
+        // gets, whether all are whole prefixes of the family (bloom filters
+        // used), some are not (total order), or none has a key; in any
+        // order, repeated, and after a prefix whose keys run to the end.
+        let groups: [(Cf, &[&[u8]]); 5] = [
+            (
+                Cf::Unique,
+                &[
+                    b"contacts\0email\0w\0",
+                    b"contacts\0email\0v\0",
+                    b"contacts\0email\0x\0",
+                    b"contacts\0email\0v\xff\0",
+                    b"contacts\0email\0v\0",
+                ],
+            ),
+            (
+                Cf::Unique,
+                &[
+                    b"contacts\0email\0v\0",
+                    b"contacts\0",
+                    b"contacts\0email\0w\0",
+                ],
+            ),
+            (Cf::Unique, &[b"zz\0a\0b\0", b"", b"a\0b\0c\0"]),
+            (Cf::Chunks, &[b"r2\0", b"r1\0", b"r10\0", b"r3\0", b"r1"]),
+            (Cf::Chunks, &[]),
+        ];
+        for (cf, prefixes) in groups {
+            let want: Vec<_> = prefixes.iter().map(|p| keys(&mem, cf, p, p)).collect();
+            assert!(want.iter().any(|k| !k.is_empty()) || prefixes.is_empty());
+            for kv in [&rocks as &dyn Kv, &mem] {
+                assert_eq!(
+                    kv.keys_with_prefixes(cf, prefixes).expect("keys"),
+                    want,
+                    "{cf:?} {prefixes:?}"
+                );
+            }
+        }
     }
 
     /// A data dir written before the prefix filters existed: its table

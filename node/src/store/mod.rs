@@ -21,7 +21,7 @@
 
 pub mod kv;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroUsize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -374,9 +374,14 @@ fn value_hash(v: &str) -> String {
 }
 
 fn unique_prefix(collection: &str, key: &str, value: &str) -> Vec<u8> {
+    hashed_unique_prefix(collection, key, &value_hash(value))
+}
+
+/// [`unique_prefix`] of a value by its [`value_hash`].
+fn hashed_unique_prefix(collection: &str, key: &str, hash: &str) -> Vec<u8> {
     let mut k = key2(collection.as_bytes(), key.as_bytes());
     k.push(SEP);
-    k.extend_from_slice(value_hash(value).as_bytes());
+    k.extend_from_slice(hash.as_bytes());
     k.push(SEP);
     k
 }
@@ -532,10 +537,22 @@ enum Subject {
         collection: String,
         key: String,
         value: String,
+        /// `value_hash(value)`, computed once: it names the subject in
+        /// storage and prefixes the value's holders in `Cf::Unique`.
+        hash: String,
     },
 }
 
 impl Subject {
+    fn duplicate(collection: &str, key: &str, value: &str) -> Subject {
+        Subject::Duplicate {
+            collection: collection.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+            hash: value_hash(value),
+        }
+    }
+
     /// Its key in `Cf::Subjects`: a letter for the kind, then its parts,
     /// each after a 0 byte (a unique value by its hash).
     fn key(&self) -> Vec<u8> {
@@ -555,14 +572,11 @@ impl Subject {
             Subject::Duplicate {
                 collection,
                 key,
-                value,
+                hash,
+                ..
             } => join(
                 b'k',
-                &[
-                    collection.as_bytes(),
-                    key.as_bytes(),
-                    value_hash(value).as_bytes(),
-                ],
+                &[collection.as_bytes(), key.as_bytes(), hash.as_bytes()],
             ),
         }
     }
@@ -577,7 +591,7 @@ type FixedState = std::hash::BuildHasherDefault<std::collections::hash_map::Defa
 /// records that kept the unique value it names touched it (see
 /// `Store::prepare_commit`). Set by hash: ordering them cost a fifth of
 /// deciding a batch's records (comparing subjects field by field).
-type Touched = std::collections::HashMap<Subject, bool, FixedState>;
+type Touched = HashMap<Subject, bool, FixedState>;
 
 fn touch(subjects: &mut Touched, subject: Subject, kept: bool) {
     let only_kept = subjects.entry(subject).or_insert(kept);
@@ -603,6 +617,10 @@ struct Tx {
     /// Its writes, by column family (indexed by `Cf as usize`): a lookup
     /// neither copies the key nor compares column families.
     ops: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Cf::ALL.len()],
+    /// Storage's keys for prefixes read ahead ([`Tx::read_prefixes`]), by
+    /// column family and prefix; this transaction's writes are merged in
+    /// when they are asked for.
+    scanned: [HashMap<Vec<u8>, Vec<Vec<u8>>, FixedState>; Cf::ALL.len()],
 }
 
 // `Tx` finds a column family's writes at `cf as usize`, and writes them
@@ -620,6 +638,7 @@ impl Tx {
         Tx {
             kv,
             ops: std::array::from_fn(|_| BTreeMap::new()),
+            scanned: std::array::from_fn(|_| HashMap::default()),
         }
     }
 
@@ -638,14 +657,37 @@ impl Tx {
         self.ops[cf as usize].insert(key, None);
     }
 
+    /// Reads storage's keys for every one of `prefixes` at once, for
+    /// [`Tx::keys_with_prefix`] to use instead of a scan each (one RocksDB
+    /// iterator for all of them). What it read stays valid while this
+    /// transaction is the only writer, that is until it commits: the store
+    /// has one writer at a time, and every write of an operation goes
+    /// through its transaction.
+    fn read_prefixes(&mut self, cf: Cf, mut prefixes: Vec<Vec<u8>>) -> Result<()> {
+        let scanned = &self.scanned[cf as usize];
+        prefixes.retain(|p| !scanned.contains_key(p));
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        if prefixes.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&[u8]> = prefixes.iter().map(Vec::as_slice).collect();
+        let found = self.kv.keys_with_prefixes(cf, &refs)?;
+        self.scanned[cf as usize].extend(prefixes.into_iter().zip(found));
+        Ok(())
+    }
+
     /// Keys with `prefix`, merged with this transaction's writes.
     fn keys_with_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
         use std::ops::Bound;
         let mut found: BTreeSet<Vec<u8>> = BTreeSet::new();
-        self.kv.scan(cf, prefix, prefix, &mut |k, _| {
-            found.insert(k.to_vec());
-            true
-        })?;
+        match self.scanned[cf as usize].get(prefix) {
+            Some(keys) => found.extend(keys.iter().cloned()),
+            None => self.kv.scan(cf, prefix, prefix, &mut |k, _| {
+                found.insert(k.to_vec());
+                true
+            })?,
+        }
         let ops = &self.ops[cf as usize];
         for (k, v) in ops.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded)) {
             if !k.starts_with(prefix) {
@@ -791,6 +833,11 @@ impl Kv for Landing {
     fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], visit: Visit<'_>) -> Result<()> {
         self.settle()?;
         self.inner.scan(cf, prefix, start, visit)
+    }
+
+    fn keys_with_prefixes(&self, cf: Cf, prefixes: &[&[u8]]) -> Result<Vec<Vec<Vec<u8>>>> {
+        self.settle()?;
+        self.inner.keys_with_prefixes(cf, prefixes)
     }
 
     fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
@@ -2980,6 +3027,8 @@ impl Store {
                 }
             }
         }
+        // Storage's part of the scans below, read for all of them at once.
+        tx.read_prefixes(Cf::Refs, dirty.iter().map(id_prefix).collect())?;
         for id in &dirty {
             let slot = &work.slots[id];
             let meta = slot.meta.as_ref().expect("indexed");
@@ -3031,17 +3080,17 @@ impl Store {
                 && before_unique
                     .get(id)
                     .is_some_and(|b| same_values(b, &meta.unique));
+            let before = before_unique.get(id).into_iter().flatten();
             for (key, value) in meta
                 .unique
                 .iter()
-                .chain(before_unique.get(id).into_iter().flatten())
+                .chain(before.filter(|v| !meta.unique.contains(v)))
             {
-                let subject = Subject::Duplicate {
-                    collection: collection.clone(),
-                    key: key.clone(),
-                    value: value.clone(),
-                };
-                touch(&mut subjects, subject, kept);
+                touch(
+                    &mut subjects,
+                    Subject::duplicate(&collection, key, value),
+                    kept,
+                );
             }
         }
         // Forced writes record a "force" resolution of the duplicate they make.
@@ -3054,11 +3103,7 @@ impl Store {
             let meta = work.slots[id].meta.clone().expect("indexed");
             let mut entries = Vec::new();
             for (key, value) in &meta.unique {
-                let subject = Subject::Duplicate {
-                    collection: meta.collection.clone(),
-                    key: key.clone(),
-                    value: value.clone(),
-                };
+                let subject = Subject::duplicate(&meta.collection, key, value);
                 if let Some(c) = self.evaluate(work, &tx, &subject)? {
                     let at = self.clock.now_ms();
                     let entry = ResolutionEntry {
@@ -3220,7 +3265,21 @@ impl Store {
 
         // Duplicate subjects only records that kept their values touch are
         // skipped without a standing collision (checking them is a prefix
-        // scan each, the largest part of storing a batch of edits).
+        // scan each, the largest part of storing a batch of edits). The
+        // others' holders are read from storage in one pass.
+        let holders = subjects
+            .iter()
+            .filter_map(|(subject, kept)| match subject {
+                Subject::Duplicate {
+                    collection,
+                    key,
+                    hash,
+                    ..
+                } if !kept => Some(hashed_unique_prefix(collection, key, hash)),
+                _ => None,
+            })
+            .collect();
+        tx.read_prefixes(Cf::Unique, holders)?;
         for (subject, kept) in &subjects {
             let key = subject.key();
             // A subject of one record is decided (and its entry written)
@@ -3355,8 +3414,9 @@ impl Store {
                 collection,
                 key,
                 value,
+                hash,
             } => {
-                let prefix = unique_prefix(collection, key, value);
+                let prefix = hashed_unique_prefix(collection, key, hash);
                 let mut holders = Vec::new();
                 for k in tx.keys_with_prefix(Cf::Unique, &prefix)? {
                     holders.push(RecordId::parse(&String::from_utf8_lossy(
