@@ -416,6 +416,23 @@ impl Kv for MemKv {
         Ok(())
     }
 
+    fn keys_with_prefixes(&self, cf: Cf, prefixes: &[&[u8]]) -> Result<Vec<Vec<Vec<u8>>>> {
+        let maps = self.maps.lock().expect("lock");
+        let Some(m) = maps.get(&cf) else {
+            return Ok(vec![Vec::new(); prefixes.len()]);
+        };
+        Ok(prefixes
+            .iter()
+            .map(|p| {
+                m.range::<[u8], _>((std::ops::Bound::Included(*p), std::ops::Bound::Unbounded))
+                    .map(|(k, _)| k)
+                    .take_while(|k| k.starts_with(p))
+                    .cloned()
+                    .collect()
+            })
+            .collect())
+    }
+
     fn write(&self, batch: Vec<BatchOp>) -> Result<()> {
         let mut fail = self.fail_next_write.lock().expect("lock");
         if *fail {

@@ -619,9 +619,13 @@ struct Tx {
     ops: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Cf::ALL.len()],
     /// Storage's keys for prefixes read ahead ([`Tx::read_prefixes`]), by
     /// column family and prefix; this transaction's writes are merged in
-    /// when they are asked for.
-    scanned: [HashMap<Vec<u8>, Vec<Vec<u8>>, FixedState>; Cf::ALL.len()],
+    /// when they are asked for. (Most transactions read none ahead: a
+    /// list, not a map per family, costs them nothing.)
+    scanned: Vec<(Cf, Scanned)>,
 }
+
+/// Storage's keys by prefix, read ahead for a transaction.
+type Scanned = HashMap<Vec<u8>, Vec<Vec<u8>>, FixedState>;
 
 // `Tx` finds a column family's writes at `cf as usize`, and writes them
 // in the order of `Cf::ALL`.
@@ -638,7 +642,7 @@ impl Tx {
         Tx {
             kv,
             ops: std::array::from_fn(|_| BTreeMap::new()),
-            scanned: std::array::from_fn(|_| HashMap::default()),
+            scanned: Vec::new(),
         }
     }
 
@@ -664,8 +668,9 @@ impl Tx {
     /// has one writer at a time, and every write of an operation goes
     /// through its transaction.
     fn read_prefixes(&mut self, cf: Cf, mut prefixes: Vec<Vec<u8>>) -> Result<()> {
-        let scanned = &self.scanned[cf as usize];
-        prefixes.retain(|p| !scanned.contains_key(p));
+        if let Some(scanned) = self.scanned(cf) {
+            prefixes.retain(|p| !scanned.contains_key(p));
+        }
         prefixes.sort_unstable();
         prefixes.dedup();
         if prefixes.is_empty() {
@@ -673,15 +678,26 @@ impl Tx {
         }
         let refs: Vec<&[u8]> = prefixes.iter().map(Vec::as_slice).collect();
         let found = self.kv.keys_with_prefixes(cf, &refs)?;
-        self.scanned[cf as usize].extend(prefixes.into_iter().zip(found));
+        let at = match self.scanned.iter().position(|(c, _)| *c == cf) {
+            Some(at) => at,
+            None => {
+                self.scanned.push((cf, Scanned::default()));
+                self.scanned.len() - 1
+            }
+        };
+        self.scanned[at].1.extend(prefixes.into_iter().zip(found));
         Ok(())
+    }
+
+    fn scanned(&self, cf: Cf) -> Option<&Scanned> {
+        self.scanned.iter().find(|(c, _)| *c == cf).map(|(_, s)| s)
     }
 
     /// Keys with `prefix`, merged with this transaction's writes.
     fn keys_with_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
         use std::ops::Bound;
         let mut found: BTreeSet<Vec<u8>> = BTreeSet::new();
-        match self.scanned[cf as usize].get(prefix) {
+        match self.scanned(cf).and_then(|s| s.get(prefix)) {
             Some(keys) => found.extend(keys.iter().cloned()),
             None => self.kv.scan(cf, prefix, prefix, &mut |k, _| {
                 found.insert(k.to_vec());
