@@ -1192,11 +1192,7 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
     // batch lands as in memory.
     let receive_on = |threads: usize, one_by_one: bool, cold: bool, rocks: bool| {
         let dir = tempfile::tempdir().unwrap();
-        let rocks = rocks.then(|| Arc::new(RocksKv::open(dir.path(), false).unwrap()));
-        let kv: Arc<dyn Kv> = match &rocks {
-            Some(r) => r.clone(),
-            None => Arc::new(MemKv::new()),
-        };
+        let (rocks, kv) = rocks_or_mem(dir.path(), rocks);
         let opts = StoreOptions {
             apply_threads: threads,
             ..fast()
@@ -1266,6 +1262,17 @@ fn a_large_batch_tried_on_threads_lands_as_on_one() {
         12,
         "every tenth contact shares an e-mail"
     );
+}
+
+/// Storage for a store under test: RocksDB in `dir` (also returned, to
+/// flush it to table files), or memory.
+fn rocks_or_mem(dir: &Path, rocks: bool) -> (Option<Arc<RocksKv>>, Arc<dyn Kv>) {
+    if rocks {
+        let r = Arc::new(RocksKv::open(dir, false).unwrap());
+        (Some(r.clone()), r)
+    } else {
+        (None, Arc::new(MemKv::new()))
+    }
 }
 
 /// Records with their changes, as a peer sends them.
@@ -1376,11 +1383,7 @@ fn a_page_finds_the_duplicates_it_makes_with_records_held_in_storage() {
     let (ids, batch) = peer_batch(70, "held");
     let receive = |rocks: bool, one_by_one: bool| {
         let dir = tempfile::tempdir().unwrap();
-        let rocks = rocks.then(|| Arc::new(RocksKv::open(dir.path(), false).unwrap()));
-        let kv: Arc<dyn Kv> = match &rocks {
-            Some(r) => r.clone(),
-            None => Arc::new(MemKv::new()),
-        };
+        let (rocks, kv) = rocks_or_mem(dir.path(), rocks);
         let mut b = Store::with_kv(kv, schema(), nid(2), clock(71), fast()).unwrap();
         // Every tenth of the peer's e-mails is held here already, half of
         // them in table files and half only in the memtable.

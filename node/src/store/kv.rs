@@ -202,6 +202,24 @@ fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Whether `prefix` is exactly a prefix of `cf`'s extractor (its keys up to
+/// their `n`-th separator), so a seek to it may use the bloom filters.
+fn whole_prefix(cf: Cf, prefix: &[u8]) -> bool {
+    cf.prefix_separators()
+        .is_some_and(|n| prefix_len(prefix, n) == Some(prefix.len()))
+}
+
+/// Sets how an iterator seeks: within the seek key's prefix, using its
+/// bloom filters, when every seek is by a whole prefix; any other scan must
+/// see every key in order.
+fn seek_by(ro: &mut rocksdb::ReadOptions, whole_prefix: bool) {
+    if whole_prefix {
+        ro.set_prefix_same_as_start(true);
+    } else {
+        ro.set_total_order_seek(true);
+    }
+}
+
 impl RocksKv {
     /// Opens (or creates) the database. With `sync`, every batch is fsynced
     /// before `write` returns; without it, it is in the OS page cache only
@@ -281,16 +299,7 @@ impl Kv for RocksKv {
         if let Some(end) = successor(prefix) {
             ro.set_iterate_upper_bound(end);
         }
-        // A scan by exactly the family's prefix may use its bloom filters;
-        // any other scan must see every key in order.
-        let whole_prefix = cf
-            .prefix_separators()
-            .is_some_and(|n| prefix_len(prefix, n) == Some(prefix.len()));
-        if whole_prefix {
-            ro.set_prefix_same_as_start(true);
-        } else {
-            ro.set_total_order_seek(true);
-        }
+        seek_by(&mut ro, whole_prefix(cf, prefix));
         let it = self.db.iterator_cf_opt(
             self.cf(cf)?,
             ro,
@@ -306,19 +315,11 @@ impl Kv for RocksKv {
     }
 
     fn keys_with_prefixes(&self, cf: Cf, prefixes: &[&[u8]]) -> Result<Vec<Vec<Vec<u8>>>> {
-        // One iterator for every prefix: each seek with the bloom filters a
-        // scan by exactly the family's prefix may use (when all are such),
-        // else in total order. No upper bound: each prefix's run of keys
-        // ends at the first key without it.
-        let whole = cf
-            .prefix_separators()
-            .is_some_and(|n| prefixes.iter().all(|p| prefix_len(p, n) == Some(p.len())));
+        // One iterator for every prefix, using the bloom filters when every
+        // prefix may. No upper bound: each prefix's run of keys ends at the
+        // first key without it.
         let mut ro = rocksdb::ReadOptions::default();
-        if whole {
-            ro.set_prefix_same_as_start(true);
-        } else {
-            ro.set_total_order_seek(true);
-        }
+        seek_by(&mut ro, prefixes.iter().all(|p| whole_prefix(cf, p)));
         let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
         let mut out = Vec::with_capacity(prefixes.len());
         for prefix in prefixes {

@@ -677,15 +677,12 @@ impl Tx {
             return Ok(());
         }
         let refs: Vec<&[u8]> = prefixes.iter().map(Vec::as_slice).collect();
-        let found = self.kv.keys_with_prefixes(cf, &refs)?;
-        let at = match self.scanned.iter().position(|(c, _)| *c == cf) {
-            Some(at) => at,
-            None => {
-                self.scanned.push((cf, Scanned::default()));
-                self.scanned.len() - 1
-            }
-        };
-        self.scanned[at].1.extend(prefixes.into_iter().zip(found));
+        let keys = self.kv.keys_with_prefixes(cf, &refs)?;
+        let found = prefixes.into_iter().zip(keys);
+        match self.scanned.iter_mut().find(|(c, _)| *c == cf) {
+            Some((_, scanned)) => scanned.extend(found),
+            None => self.scanned.push((cf, found.collect())),
+        }
         Ok(())
     }
 
