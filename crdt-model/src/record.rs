@@ -165,7 +165,10 @@ type RootValues = Vec<(Value<'static>, ObjId)>;
 /// times over: those seeks were 13% of a catch-up's profile and 18% of the
 /// simulator's (BENCHMARKS.md). Emptied by every change to the document.
 #[derive(Debug, Clone, Default)]
-struct RootMemo(RefCell<Option<BTreeMap<String, RootValues>>>);
+/// Kept as a vector sorted by key: a root holds a dozen or so keys, and
+/// building a `BTreeMap` of them (a node and a key copy per insert) was a
+/// fifth of reading the root in a catch-up's profile.
+struct RootMemo(RefCell<Option<Vec<(String, RootValues)>>>);
 
 /// Hex of change hashes.
 pub fn heads_to_hex(heads: &[ChangeHash]) -> Vec<String> {
@@ -207,8 +210,14 @@ fn token(doc: &Automerge, ctx: &CommitCtx) -> String {
 impl Record {
     /// Wraps a document (loaded from storage or built from remote changes).
     pub fn from_doc(doc: Automerge) -> Record {
+        Record::from_boxed(Box::new(doc))
+    }
+
+    /// Wraps a document already on the heap (an `Automerge` is 3.5 KB:
+    /// a caller that builds one in a box spares the copies of moving it).
+    pub fn from_boxed(doc: Box<Automerge>) -> Record {
         Record {
-            doc: Box::new(doc),
+            doc,
             root: RootMemo::default(),
         }
     }
@@ -266,14 +275,18 @@ impl Record {
             *self.root.0.borrow_mut() = Some(self.read_root());
         }
         let memo = self.root.0.borrow();
-        let vals = memo.as_ref().and_then(|m| m.get(key));
-        f(vals.map(Vec::as_slice).unwrap_or_default())
+        let vals = memo.as_ref().and_then(|m| {
+            m.binary_search_by(|(k, _)| k.as_str().cmp(key))
+                .ok()
+                .map(|i| m[i].1.as_slice())
+        });
+        f(vals.unwrap_or_default())
     }
 
     /// Every root key with its values, in one pass over the root map (a key
     /// with concurrent values is read again for all of them).
-    fn read_root(&self) -> BTreeMap<String, RootValues> {
-        let mut out = BTreeMap::new();
+    fn read_root(&self) -> Vec<(String, RootValues)> {
+        let mut out = Vec::with_capacity(16);
         for item in self.doc.map_range(ROOT, ..) {
             let vals = if item.conflict {
                 self.doc
@@ -285,7 +298,12 @@ impl Record {
             } else {
                 vec![(item.value.clone().into_value(), item.id())]
             };
-            out.insert(item.key.into_owned(), vals);
+            out.push((item.key.into_owned(), vals));
+        }
+        // Automerge iterates a map in key order; sorted here all the same,
+        // since the lookup relies on it.
+        if !out.is_sorted_by(|a, b| a.0 < b.0) {
+            out.sort_by(|a, b| a.0.cmp(&b.0));
         }
         out
     }
