@@ -164,10 +164,10 @@ type RootValues = Vec<(Value<'static>, ObjId)>;
 /// keys (`_collection`, `_deleted`, the unique and reference fields) a dozen
 /// times over: those seeks were 13% of a catch-up's profile and 18% of the
 /// simulator's (BENCHMARKS.md). Emptied by every change to the document.
-#[derive(Debug, Clone, Default)]
 /// Kept as a vector sorted by key: a root holds a dozen or so keys, and
 /// building a `BTreeMap` of them (a node and a key copy per insert) was a
 /// fifth of reading the root in a catch-up's profile.
+#[derive(Debug, Clone, Default)]
 struct RootMemo(RefCell<Option<Vec<(String, RootValues)>>>);
 
 /// Hex of change hashes.
