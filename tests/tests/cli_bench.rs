@@ -86,7 +86,12 @@ fn bench_sync_catches_up_in_pages_and_then_only_what_changed() {
         stdout
             .lines()
             .filter(|l| l.starts_with(&format!("| {label} |")))
-            .map(|l| l[label.len() + 4..].trim_end_matches(" |").to_string())
+            .map(|l| {
+                l[label.len() + 3..]
+                    .trim_end_matches(" |")
+                    .trim()
+                    .to_string()
+            })
             .collect::<Vec<_>>()
             .join(" ; ")
     };
