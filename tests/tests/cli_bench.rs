@@ -83,15 +83,11 @@ fn bench_sync_catches_up_in_pages_and_then_only_what_changed() {
         "500",
     ]));
     let row = |label: &str| -> String {
+        let head = format!("| {label} |");
         stdout
             .lines()
-            .filter(|l| l.starts_with(&format!("| {label} |")))
-            .map(|l| {
-                l[label.len() + 3..]
-                    .trim_end_matches(" |")
-                    .trim()
-                    .to_string()
-            })
+            .filter_map(|l| l.strip_prefix(head.as_str()))
+            .map(|v| v.trim_end_matches('|').trim().to_string())
             .collect::<Vec<_>>()
             .join(" ; ")
     };
