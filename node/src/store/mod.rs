@@ -3005,8 +3005,11 @@ impl Store {
     /// working set afterwards when it is large (it is not cached: see
     /// `settle`). Such a batch is written on another thread and the call
     /// returns: its documents, a few microseconds each to free, are freed
-    /// meanwhile, and the node takes in the next page while it lands.
+    /// here meanwhile, and the node takes in the next page while it lands.
     /// Every later storage access waits for it first (see [`Landing`]).
+    /// Freeing them on a thread of their own instead (`drop_behind`) made
+    /// a 100,000-record catch-up between two nodes about 8% slower
+    /// (BENCHMARKS.md, "Network catch-up", stop 24).
     /// Returns whether the batch is written so.
     fn finish_remote(&mut self, work: &mut Work, tx: Tx) -> Result<bool> {
         let tx = self.prepare_commit(work, tx)?;
@@ -3496,10 +3499,10 @@ impl Store {
         }
     }
 
-    /// Frees a large operation's working set on another thread. Freeing a
-    /// page of 1,000 documents took 7% of the storing thread's time in a
-    /// catch-up while the other core waited for the next page; the next
-    /// page's work no longer waits for it. One such thread at a time: the
+    /// Frees a large local operation's working set (an import's batch) on
+    /// another thread, so the caller's next batch does not wait for it. A
+    /// large remote batch's documents are freed by `finish_remote`, which
+    /// leaves `settle` none: see there why. One such thread at a time: the
     /// next large operation first waits for the last one's.
     fn drop_behind(&mut self, work: Work) {
         if let Some(h) = self.dropping.take()
